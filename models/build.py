@@ -1,0 +1,58 @@
+"""One builder: `build(spec) -> nn.Module`, assembled from a few small named pieces."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from models.spec import ConvBlock, NetSpec
+
+
+class ConvBNReLU(nn.Sequential):
+    """conv -> BatchNorm (optional) -> ReLU. The conv keeps a bias only when no BatchNorm follows it."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, padding: int, batchnorm: bool):
+        layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, padding=padding, bias=not batchnorm)]
+        if batchnorm:
+            layers.append(nn.BatchNorm2d(c_out))
+        layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class Transition(ConvBNReLU):
+    """1x1 conv that squeezes channels."""
+
+    def __init__(self, c_in: int, c_out: int, batchnorm: bool):
+        super().__init__(c_in, c_out, 1, 0, batchnorm)
+
+
+class Head(nn.Module):
+    """Logits from feature maps without a Linear layer: a 1x1 conv and global average pooling, in either order."""
+
+    def __init__(self, c_in: int, num_classes: int, conv_first: bool):
+        super().__init__()
+        self.conv_first = conv_first
+        self.conv = nn.Conv2d(c_in, num_classes, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        x = self.pool(self.conv(x)) if self.conv_first else self.conv(self.pool(x))
+        return x.flatten(1)
+
+
+def build(spec: NetSpec) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    channels = spec.in_channels
+    for block in spec.blocks:
+        if isinstance(block, ConvBlock):
+            for conv in block.convs:
+                layers.append(ConvBNReLU(channels, conv.out_channels, conv.kernel, conv.padding, block.batchnorm))
+                channels = conv.out_channels
+            if block.dropout > 0:
+                layers.append(nn.Dropout(block.dropout))  # element-wise, as in the hand-made answers
+        else:
+            layers.append(Transition(channels, block.out_channels, block.batchnorm))
+            channels = block.out_channels
+        if block.pool:
+            layers.append(nn.MaxPool2d(2))
+    layers.append(Head(channels, spec.num_classes, spec.head.kind == "conv_gap"))
+    return nn.Sequential(*layers)

@@ -1,0 +1,245 @@
+"""A network described as data: frozen dataclasses for conv blocks, transitions and the head.
+
+No torch here: a spec is validated, hashed, counted and serialised without building anything.
+`NetSpec.layers()` walks the spec layer by layer (conv, pool, head) with the feature-map size at each
+step; the validator, the budget counter and the builder all read that one walk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterator, Union
+
+KERNELS = (1, 3)  # pixels; 3x3 convs extract features, 1x1 convs mix channels
+PADDINGS = (0, 1)  # pixels on each side
+MAX_CONVS_PER_BLOCK = 3
+MAX_CHANNELS = 512  # far above anything a 20k budget affords; catches typos such as 1600 for 16
+HEAD_KINDS = ("conv_gap", "gap_conv")  # 1x1 conv to classes then GAP, or GAP then 1x1 conv
+
+
+class SpecError(ValueError):
+    """A spec that cannot describe a working network; the message names the value and the limit."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise SpecError(message)
+
+
+def _check_channels(value: Any, where: str) -> None:
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_CHANNELS,
+        f"{where}: out_channels={value!r}, must be an integer from 1 to {MAX_CHANNELS}",
+    )
+
+
+@dataclass(frozen=True)
+class Conv:
+    out_channels: int  # feature maps produced
+    kernel: int = 3  # pixels, 3 or 1
+    padding: int = 0  # pixels on each side, 0 or 1 (1 only with a 3x3 kernel)
+
+    def __post_init__(self) -> None:
+        _check_channels(self.out_channels, "conv")
+        _require(self.kernel in KERNELS, f"conv: kernel={self.kernel!r}, must be one of {KERNELS}")
+        _require(self.padding in PADDINGS, f"conv: padding={self.padding!r}, must be one of {PADDINGS}")
+        _require(
+            not (self.kernel == 1 and self.padding == 1),
+            "conv: padding=1 with kernel=1 only adds a border of zeros; use padding=0 for 1x1 convs",
+        )
+
+
+@dataclass(frozen=True)
+class ConvBlock:
+    convs: tuple[Conv, ...]  # 1 to 3 convolutions, each followed by BatchNorm (if on) and ReLU
+    batchnorm: bool = True  # BatchNorm after every conv of the block
+    dropout: float = 0.0  # probability, applied once at the end of the block (before the pool)
+    pool: bool = True  # 2x2 max-pool, stride 2, at the end of the block
+
+    def __post_init__(self) -> None:
+        convs = tuple(Conv(**c) if isinstance(c, dict) else c for c in self.convs)
+        object.__setattr__(self, "convs", convs)
+        _require(
+            1 <= len(convs) <= MAX_CONVS_PER_BLOCK,
+            f"conv block: {len(convs)} convs, must have 1 to {MAX_CONVS_PER_BLOCK}",
+        )
+        _require(all(isinstance(c, Conv) for c in convs), "conv block: convs must be Conv entries")
+        _require(
+            isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
+            f"conv block: dropout={self.dropout!r}, must be in [0, 1)",
+        )
+        object.__setattr__(self, "dropout", float(self.dropout))
+        object.__setattr__(self, "batchnorm", bool(self.batchnorm))
+        object.__setattr__(self, "pool", bool(self.pool))
+
+
+@dataclass(frozen=True)
+class Transition:
+    out_channels: int  # channels after the 1x1 squeeze
+    batchnorm: bool = True  # BatchNorm after the 1x1 conv
+    pool: bool = False  # 2x2 max-pool after the squeeze
+
+    def __post_init__(self) -> None:
+        _check_channels(self.out_channels, "transition")
+        object.__setattr__(self, "batchnorm", bool(self.batchnorm))
+        object.__setattr__(self, "pool", bool(self.pool))
+
+
+Block = Union[ConvBlock, Transition]
+_BLOCK_TYPES = {"conv_block": ConvBlock, "transition": Transition}
+
+
+@dataclass(frozen=True)
+class Head:
+    kind: str = "conv_gap"  # "conv_gap": 1x1 conv to classes, then global average pooling;
+    #                         "gap_conv": global average pooling, then a 1x1 conv to classes
+
+    def __post_init__(self) -> None:
+        _require(self.kind in HEAD_KINDS, f"head: kind={self.kind!r}, must be one of {HEAD_KINDS}")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One primitive step of the walk: what it is and the map before and after, in pixels."""
+
+    name: str  # "b1.conv2", "t2", "b1.pool", "head.conv"
+    op: str  # "conv", "pool", "gap"
+    in_channels: int
+    out_channels: int
+    kernel: int  # pixels; 2 for the pool, the input size for GAP
+    stride: int
+    padding: int
+    bias: bool  # conv without a following BatchNorm keeps its bias
+    batchnorm: bool
+    size_in: int  # feature-map side before the layer, pixels
+    size_out: int  # feature-map side after it, pixels
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    blocks: tuple[Block, ...]  # conv blocks and transitions, in order
+    head: Head = field(default_factory=Head)
+    in_channels: int = 1  # grey images
+    input_size: int = 28  # pixels, square input
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        blocks = tuple(_block_from_dict(b) if isinstance(b, dict) else b for b in self.blocks)
+        object.__setattr__(self, "blocks", blocks)
+        if isinstance(self.head, dict):
+            object.__setattr__(self, "head", Head(**self.head))
+        _require(len(blocks) >= 1, "network: no blocks; at least one conv block is needed")
+        _require(
+            all(isinstance(b, (ConvBlock, Transition)) for b in blocks),
+            "network: blocks must be ConvBlock or Transition entries",
+        )
+        _require(
+            isinstance(blocks[0], ConvBlock),
+            "network: the first block is a transition; a 1x1 squeeze of the raw image sees no pattern, start with a conv block",
+        )
+        for name, value in (("in_channels", self.in_channels), ("input_size", self.input_size), ("num_classes", self.num_classes)):
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"network: {name}={value!r}, must be a positive integer",
+            )
+        for layer in self.layers():  # the walk itself refuses maps that shrink below 1x1
+            pass
+
+    def layers(self) -> Iterator[Layer]:
+        """Every primitive layer in forward order, with the feature-map size before and after."""
+        size, channels = self.input_size, self.in_channels
+        for i, block in enumerate(self.blocks, start=1):
+            if isinstance(block, ConvBlock):
+                for j, conv in enumerate(block.convs, start=1):
+                    out = size - conv.kernel + 2 * conv.padding + 1
+                    name = f"b{i}.conv{j}"
+                    _require(
+                        out >= 1,
+                        f"{name}: a {conv.kernel}x{conv.kernel} conv with padding {conv.padding} on a "
+                        f"{size}x{size} map gives {out}x{out}; the map must stay at least 1x1",
+                    )
+                    yield Layer(name, "conv", channels, conv.out_channels, conv.kernel, 1, conv.padding,
+                                not block.batchnorm, block.batchnorm, size, out)
+                    size, channels = out, conv.out_channels
+            else:
+                name = f"t{i}"
+                yield Layer(name, "conv", channels, block.out_channels, 1, 1, 0,
+                            not block.batchnorm, block.batchnorm, size, size)
+                channels = block.out_channels
+            if block.pool:
+                name = f"{'b' if isinstance(block, ConvBlock) else 't'}{i}.pool"
+                _require(
+                    size >= 2,
+                    f"{name}: a 2x2 max-pool on a {size}x{size} map gives 0x0; the map must stay at least 1x1",
+                )
+                yield Layer(name, "pool", channels, channels, 2, 2, 0, False, False, size, size // 2)
+                size //= 2
+        conv_first = self.head.kind == "conv_gap"
+        head_conv = Layer("head.conv", "conv", channels, self.num_classes, 1, 1, 0, True, False,
+                          size if conv_first else 1, size if conv_first else 1)
+        gap = Layer("head.gap", "gap", head_conv.out_channels if conv_first else channels,
+                    head_conv.out_channels if conv_first else channels, size, 1, 0, False, False, size, 1)
+        yield from ((head_conv, gap) if conv_first else (gap, head_conv))
+
+    # ---- JSON -------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["blocks"] = [
+            {"type": "conv_block" if isinstance(b, ConvBlock) else "transition", **asdict(b)} for b in self.blocks
+        ]
+        return out
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "NetSpec":
+        _require(isinstance(data, dict), f"spec: expected a JSON object, got {type(data).__name__}")
+        _reject_unknown(data, cls, "spec")
+        _require("blocks" in data, "spec: missing field 'blocks'")
+        _require(isinstance(data["blocks"], list), "spec: 'blocks' must be a list")
+        kwargs = dict(data)
+        kwargs["blocks"] = tuple(_block_from_dict(b) for b in data["blocks"])
+        if "head" in data:
+            _require(isinstance(data["head"], dict), "spec: 'head' must be an object")
+            _reject_unknown(data["head"], Head, "head")
+            kwargs["head"] = Head(**data["head"])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "NetSpec":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"spec is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+        return cls.from_dict(data)
+
+
+def _reject_unknown(data: dict, cls: type, where: str, extra: tuple[str, ...] = ()) -> None:
+    known = {f.name for f in fields(cls)} | set(extra)
+    unknown = sorted(set(data) - known)
+    _require(not unknown, f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+
+
+def _block_from_dict(data: Any) -> Block:
+    if isinstance(data, (ConvBlock, Transition)):
+        return data
+    _require(isinstance(data, dict), f"block: expected an object, got {type(data).__name__}")
+    kind = data.get("type")
+    _require(kind in _BLOCK_TYPES, f"block: type={kind!r}, must be one of {tuple(_BLOCK_TYPES)}")
+    cls = _BLOCK_TYPES[kind]
+    _reject_unknown(data, cls, kind, extra=("type",))
+    kwargs = {k: v for k, v in data.items() if k != "type"}
+    if cls is ConvBlock:
+        _require(isinstance(kwargs.get("convs"), list), "conv_block: 'convs' must be a list of convs")
+        for c in kwargs["convs"]:
+            _require(isinstance(c, dict), "conv: each conv must be an object")
+            _reject_unknown(c, Conv, "conv")
+    try:
+        if cls is ConvBlock:
+            kwargs["convs"] = tuple(Conv(**c) for c in kwargs["convs"])
+        return cls(**kwargs)
+    except TypeError as exc:  # a missing required field
+        raise SpecError(f"{kind}: {exc}") from None

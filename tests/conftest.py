@@ -1,0 +1,25 @@
+"""Shared fixtures: the MNIST data root (../shared/datasets unless BUDGETNAS_DATA says otherwise)."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DATA_ROOT = Path(os.environ.get("BUDGETNAS_DATA") or ROOT.parent / "shared" / "datasets")
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    if not (DATA_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
+        pytest.fail(f"MNIST not found under {DATA_ROOT}: set BUDGETNAS_DATA to a folder holding MNIST/raw/*-ubyte")
+    return DATA_ROOT
+
+
+@pytest.fixture(scope="session")
+def mnist(data_root):
+    from search.data import load_mnist
+
+    return load_mnist(data_root)
