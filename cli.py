@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -17,7 +18,7 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Search small conv nets under a parameter budget (MNIST, <20k params, no Linear, <=20 epochs).")
-console = Console()
+console = Console(soft_wrap=True)  # log lines stay whole in files and CI logs
 err = Console(stderr=True, soft_wrap=True)
 
 MaxParams = Annotated[int, typer.Option("--max-params", min=1, help="Budget: networks must have fewer parameters.")]
@@ -125,6 +126,158 @@ def show(preset: Annotated[str, typer.Argument(help="A preset name.")],
         print(spec.to_json())
     else:
         print_layer_table(analyze(spec), preset)
+
+
+class Objective(str, Enum):
+    accuracy = "accuracy"
+    pareto = "pareto"
+
+
+class SamplerName(str, Enum):
+    tpe = "tpe"
+    random = "random"
+    nsga2 = "nsga2"
+
+
+class PrunerName(str, Enum):
+    hyperband = "hyperband"
+    median = "median"
+    none = "none"
+
+
+class DeviceName(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, turned into the same orderly stop as Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Interrupted()
+
+
+@app.command()
+def search(
+    trials: Annotated[int, typer.Option(min=1, help="Trained trials in the study (rejected candidates do not count).")] = 50,
+    study: Study = "mnist",
+    storage: Storage = None,
+    epochs: Annotated[int, typer.Option(min=1, max=20, help="Epochs per trial (the rules allow at most 20).")] = 20,
+    max_params: MaxParams = 20_000,
+    objective: Annotated[Objective, typer.Option(help="accuracy: maximise validation accuracy; pareto: also "
+                                                 "minimise parameters.")] = Objective.accuracy,
+    sampler: Annotated[SamplerName, typer.Option()] = SamplerName.tpe,
+    pruner: Annotated[PrunerName, typer.Option(help="Stops weak trials early, once per epoch.")] = PrunerName.hyperband,
+    seed: Annotated[int, typer.Option(help="Sampler and training seed.")] = 0,
+    device: Annotated[DeviceName, typer.Option()] = DeviceName.auto,
+    jobs: Annotated[int, typer.Option(min=1, help="Trials in parallel in this process (helps on a GPU).")] = 1,
+    subset: Annotated[Optional[int], typer.Option(min=100, max=50_000, help="Train on the first N training "
+                                                  "images (quick tries).")] = None,
+    data_dir: DataDir = None,
+    warm_start: Annotated[bool, typer.Option(help="Enqueue the presets as the first trials.")] = True,
+    repair: Annotated[bool, typer.Option(help="Shrink over-budget candidates until they fit, instead of "
+                                         "rejecting them.")] = False,
+    max_rejections: Annotated[int, typer.Option(min=1, help="Stop after this many untrained candidates in a row.")] = 200,
+    results_dir: Annotated[str, typer.Option(help="Where the database, trials.csv and reports go.")] = "results",
+) -> None:
+    """Search the block-builder's space with Optuna; every trial is stored, and the same command resumes."""
+    import signal
+
+    from search.data import DataError, check_data_root
+    from search.study import SearchError, SearchOptions, run_search
+    from search.train import resolve_device
+
+    try:
+        opts = SearchOptions(trials=trials, study=study, storage=storage, results_dir=results_dir, epochs=epochs,
+                             max_params=max_params, objective=objective.value, sampler=sampler.value,
+                             pruner=pruner.value, seed=seed, device=device.value, jobs=jobs, subset=subset,
+                             data_dir=data_dir, warm_start=warm_start, repair=repair, max_rejections=max_rejections)
+        resolve_device(opts.device)
+        check_data_root(data_dir)
+        _refuse_sqlite_across_threads(opts)
+    except (SearchError, DataError, ValueError) as exc:
+        raise fail(str(exc)) from None
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    state = {"study": None}
+
+    def on_trial_end(study_obj, trial) -> None:
+        state["study"] = study_obj
+        _print_trial_line(study_obj, trial, opts)
+
+    try:
+        result = run_search(opts, log=lambda line: console.print(line, highlight=False), on_trial_end=on_trial_end)
+    except (SearchError, DataError) as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt as exc:
+        from search.study import requeue_interrupted
+
+        n = requeue_interrupted(opts)
+        sig = "SIGTERM" if isinstance(exc, Interrupted) else "Ctrl-C"
+        err.print(f"{sig}: search stopped; the running trial is stored as interrupted"
+                  f"{' and queued again' if n else ''}. Run the same command to continue to {trials} trials.")
+        raise typer.Exit(143 if isinstance(exc, Interrupted) else 130) from None
+    _print_leaderboard(result, opts)
+    if result.stop_reason:
+        raise fail(result.stop_reason, code=1)
+
+
+def _refuse_sqlite_across_threads(opts) -> None:
+    from search.study import SearchError
+
+    if opts.jobs > 1 and opts.storage_url.startswith("sqlite"):
+        raise SearchError(f"--jobs={opts.jobs} with SQLite storage: SQLite serialises every write and parallel "
+                          "trials would wait on its lock; use a server database (--storage postgresql://...) "
+                          "for parallel trials, or --jobs 1")
+
+
+def _print_trial_line(study_obj, trial, opts) -> None:
+    from search.study import count_trained, outcome_counts
+
+    attrs = trial.user_attrs
+    outcome = attrs.get("outcome", trial.state.name.lower())
+    if outcome == "rejected":
+        return  # already logged when it happened
+    counts = outcome_counts(study_obj)
+    acc = trial.values[0] if trial.values else None
+    figure = f"val {acc:.2%}" if acc is not None else attrs.get("reason", "")
+    best = _best_line(study_obj)
+    seconds = f", {attrs['wall_s']:.0f} s" if attrs.get("wall_s") else ""
+    console.print(
+        f"trial {trial.number} {outcome}: {attrs.get('n_params', 0):,} params, {figure}{seconds} | "
+        f"{count_trained(study_obj)}/{opts.trials} trained, {counts.get('rejected', 0)} rejected, "
+        f"{counts.get('pruned', 0)} pruned | best {best}", highlight=False)
+
+
+def _best_line(study_obj) -> str:
+    from search.study import feasible_completed
+
+    done = feasible_completed(study_obj)
+    if not done:
+        return "-"
+    top = max(done, key=lambda t: (t.values[0], -t.user_attrs.get("n_params", 0)))
+    return f"{top.values[0]:.2%} at {top.user_attrs.get('n_params', 0):,} params (trial {top.number})"
+
+
+def _print_leaderboard(result, opts) -> None:
+    from search.study import feasible_completed
+
+    done = sorted(feasible_completed(result.study), key=lambda t: (-t.values[0], t.user_attrs.get("n_params", 0)))
+    table = Table(title=f"study {opts.study}: {result.trained} trained, {result.counts.get('completed', 0)} completed, "
+                        f"{result.counts.get('pruned', 0)} pruned, {result.counts.get('rejected', 0)} rejected, "
+                        f"{result.counts.get('failed', 0)} failed; {result.wall_s:.0f} s this run",
+                  title_justify="left")
+    for col in ("trial", "val acc", "params", "RF", "epochs", "optimizer", "lr", "seconds"):
+        table.add_column(col, justify="right")
+    for t in done[:10]:
+        cfg = t.user_attrs.get("config", {})
+        table.add_row(str(t.number), f"{t.values[0]:.2%}", f"{t.user_attrs.get('n_params', 0):,}",
+                      str(t.user_attrs.get("receptive_field", "")), str(t.user_attrs.get("epochs_trained", "")),
+                      cfg.get("optimizer", ""), f"{cfg.get('lr', 0):.3g}", f"{t.user_attrs.get('wall_s', 0):.0f}")
+    console.print(table)
+    console.print(f"stored in {opts.storage_url}; trials table: {result.csv_path}")
 
 
 @app.command()

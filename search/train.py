@@ -184,7 +184,7 @@ def _use_channels_last(device: torch.device) -> bool:
     return True  # measured faster on both the CPU (oneDNN) and CUDA (cuDNN NHWC kernels); see benchmarks/
 
 
-def fit(model: nn.Module, train: Split, val: Split, cfg: TrainConfig, *, device: str | torch.device = "auto",
+def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConfig, *, device: str | torch.device = "auto",
         on_epoch: Callable[[EpochRecord], bool | None] | None = None, progress: bool | None = None,
         data_on_device: tuple | None = None) -> History:
     """Train `model` on `train`, evaluating on `val` after every epoch.
@@ -194,6 +194,9 @@ def fit(model: nn.Module, train: Split, val: Split, cfg: TrainConfig, *, device:
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     torch.manual_seed(cfg.seed)
+    for module in model.modules():  # initial weights from the seed, however the model was built
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     if data_on_device is None:
         x_train, y_train = to_device(train, device)

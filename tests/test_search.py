@@ -1,0 +1,115 @@
+"""A real search on a small subset: storage, rejections, trials.csv, resuming to N and not past it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from search.study import SearchOptions, count_trained, load_existing_study, run_search
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def test_search_stores_trials_rejects_over_budget_and_resumes(tmp_path, data_root):
+    # A budget of 15,000 rejects the 19,674-parameter baseline preset, which is enqueued first.
+    opts = SearchOptions(trials=4, study="s", results_dir=str(tmp_path), epochs=1, max_params=15_000, subset=1_000,
+                         data_dir=str(data_root), device="cpu", seed=1)
+    result = run_search(opts, log=quiet)
+    study = result.study
+    trials = study.get_trials()
+    trained = [t for t in trials if t.user_attrs.get("outcome") in ("completed", "pruned", "failed")]
+    assert len(trained) == result.trained == 4
+
+    baseline = trials[0]
+    assert baseline.user_attrs["preset"] == "baseline"
+    assert baseline.user_attrs["outcome"] == "rejected" and baseline.state == TrialState.PRUNED
+    assert baseline.user_attrs["reason"] == "19,674 parameters, at or over the 15,000 budget (the rule is fewer than 15,000)"
+    assert "history" not in baseline.user_attrs and baseline.user_attrs["n_params"] == 19_674
+
+    for t in trained:
+        assert json.loads(t.user_attrs["spec"])["blocks"]
+        assert t.user_attrs["n_params"] < 15_000 and t.user_attrs["receptive_field"] > 1
+        assert t.user_attrs["macs"] > 0 and t.user_attrs["config"]["epochs"] == 1
+        assert len(t.user_attrs["history"]) == 1 and 0 <= t.user_attrs["history"][0]["val_acc"] <= 1
+        assert t.user_attrs["wall_s"] > 0 and t.user_attrs["device"] == "cpu"
+        assert t.intermediate_values or t.state == TrialState.COMPLETE
+
+    csv = pd.read_csv(tmp_path / "s" / "trials.csv")
+    assert list(csv["number"]) == [t.number for t in trials]
+    assert list(csv["outcome"]) == [t.user_attrs.get("outcome") for t in trials]
+    assert list(csv["n_params"]) == [t.user_attrs.get("n_params") for t in trials]
+
+    # The same options again: the study already has 4 trained trials, nothing more is trained.
+    again = run_search(opts, log=quiet)
+    assert again.trained == 4 and len(again.study.get_trials()) == len(trials)
+
+    # A larger N continues the same study up to N exactly.
+    more = run_search(SearchOptions(**{**opts.__dict__, "trials": 5}), log=quiet)
+    assert more.trained == 5 and count_trained(load_existing_study("s", opts.storage_url)) == 5
+
+
+def test_duplicate_suggestion_reuses_the_stored_result(tmp_path, data_root):
+    opts = SearchOptions(trials=1, study="d", results_dir=str(tmp_path), epochs=1, subset=500,
+                         data_dir=str(data_root), device="cpu", warm_start=False, sampler="random")
+    first = run_search(opts, log=quiet)
+    done = first.study.get_trials()[0]
+    first.study.enqueue_trial(done.params)  # the sampler suggests the very same candidate again
+    second = run_search(SearchOptions(**{**opts.__dict__, "trials": 2}), log=quiet)
+    dup = second.study.get_trials()[1]
+    assert dup.user_attrs["outcome"] == "duplicate" and dup.user_attrs["duplicate_of"] == done.number
+    assert dup.values == done.values and "history" not in dup.user_attrs
+
+
+def test_repair_shrinks_an_over_budget_candidate(tmp_path, data_root):
+    opts = SearchOptions(trials=1, study="r", results_dir=str(tmp_path), epochs=1, subset=500, max_params=10_000,
+                         data_dir=str(data_root), device="cpu", repair=True)
+    study = run_search(opts, log=quiet).study
+    baseline = study.get_trials()[0]
+    assert baseline.user_attrs["outcome"] == "completed"
+    assert baseline.user_attrs["n_params"] < 10_000
+    assert json.loads(baseline.user_attrs["repaired_from"]) != json.loads(baseline.user_attrs["spec"])
+    assert "19,674 parameters" in baseline.user_attrs["repair_reason"]
+
+
+def cli(*args, env=None):
+    return [sys.executable, str(ROOT / "cli.py"), "search", *args]
+
+
+def test_interrupted_search_resumes_to_n_and_not_more(tmp_path, data_root):
+    args = cli("--trials", "3", "--epochs", "2", "--subset", "1000", "--study", "i", "--results-dir", str(tmp_path),
+               "--data-dir", str(data_root), "--device", "cpu")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    lines = []
+    for line in proc.stdout:  # wait until the second trial is training, then press Ctrl-C
+        lines.append(line)
+        if line.startswith("trial 1: training"):
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGINT)
+            break
+    out = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=120) == 130, out
+    assert "Run the same command to continue to 3 trials" in out
+    study = load_existing_study("i", f"sqlite:///{tmp_path / 'i.db'}")
+    interrupted = [t for t in study.get_trials() if t.user_attrs.get("outcome") == "interrupted"]
+    assert len(interrupted) == 1 and interrupted[0].state == TrialState.FAIL
+    assert not [t for t in study.get_trials() if t.state == TrialState.RUNNING]
+
+    resumed = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    study = load_existing_study("i", f"sqlite:///{tmp_path / 'i.db'}")
+    assert count_trained(study) == 3
+    retry = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == interrupted[0].number]
+    assert len(retry) == 1 and retry[0].params == interrupted[0].params

@@ -1,0 +1,77 @@
+"""The training engine on small real data: it learns, it is deterministic, it survives a blow-up."""
+
+import math
+
+import pytest
+import torch
+
+from models.build import build
+from models.presets import PRESETS
+from search.train import MAX_EPOCHS, TrainConfig, augment_batch, fit
+
+
+def metrics(history):
+    return [(e.epoch, e.train_loss, e.train_acc, e.val_loss, e.val_acc, e.lr) for e in history.epochs]
+
+
+def test_short_real_run_passes_90_percent(mnist):
+    torch.set_num_threads(2)
+    history = fit(build(PRESETS["small"]), mnist.train.head(5_000), mnist.val.head(2_000),
+                  TrainConfig(epochs=2, batch_size=64, seed=0), device="cpu", progress=False)
+    assert history.status == "completed" and len(history.epochs) == 2
+    assert history.final_val_acc > 0.90, metrics(history)
+    assert history.epochs[-1].images_per_s > 0 and history.n_params == 7_860
+
+
+def test_same_seed_same_history(mnist):
+    runs = [fit(build(PRESETS["tiny"]), mnist.train.head(1_000), mnist.val.head(500),
+                TrainConfig(epochs=2, seed=7), device="cpu", progress=False) for _ in range(2)]
+    assert metrics(runs[0]) == metrics(runs[1])
+    other = fit(build(PRESETS["tiny"]), mnist.train.head(1_000), mnist.val.head(500),
+                TrainConfig(epochs=2, seed=8), device="cpu", progress=False)
+    assert metrics(other) != metrics(runs[0])
+
+
+def test_huge_learning_rate_ends_with_nan_status(mnist):
+    history = fit(build(PRESETS["tiny"]), mnist.train.head(1_000), mnist.val.head(200),
+                  TrainConfig(epochs=3, lr=1e6, augment=0.0, label_smoothing=0.0), device="cpu", progress=False)
+    assert history.status == "nan"
+    assert len(history.epochs) < 3
+
+
+def test_on_epoch_can_stop_training(mnist):
+    seen = []
+    history = fit(build(PRESETS["tiny"]), mnist.train.head(500), mnist.val.head(200), TrainConfig(epochs=5),
+                  device="cpu", progress=False, on_epoch=lambda r: seen.append(r.epoch) or r.epoch == 2)
+    assert history.status == "stopped" and seen == [1, 2] and len(history.epochs) == 2
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("epochs", 21, f"epochs=21: must be from 1 to {MAX_EPOCHS} (the exercise allows at most 20 epochs)"),
+    ("epochs", 0, "epochs=0"),
+    ("batch_size", 1, "batch_size=1"),
+    ("optimizer", "lbfgs", "optimizer='lbfgs'"),
+    ("schedule", "linear", "schedule='linear'"),
+    ("lr", 0.0, "lr=0.0: must be positive"),
+])
+def test_bad_config_is_refused_naming_the_limit(field, value, message):
+    with pytest.raises(ValueError) as info:
+        TrainConfig(**{field: value})
+    assert message in str(info.value)
+
+
+def test_augmentation_moves_pixels_but_keeps_shape_and_background():
+    x = torch.full((8, 1, 28, 28), -0.1307 / 0.3081)
+    x[:, :, 10:18, 10:18] = 2.0
+    out = augment_batch(x, 1.0, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert not torch.allclose(out, x)
+    assert torch.allclose(out[:, :, 0, 0], x[:, :, 0, 0], atol=1e-5)  # corners stay background
+    assert torch.equal(augment_batch(x, 0.0, torch.Generator().manual_seed(0)).round(decimals=4), x.round(decimals=4))
+
+
+def test_config_round_trips():
+    cfg = TrainConfig(epochs=3, optimizer="adamw", lr=1e-3)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown field"):
+        TrainConfig.from_dict({**cfg.to_dict(), "momentum": 0.9})
