@@ -280,6 +280,93 @@ def _print_leaderboard(result, opts) -> None:
     console.print(f"stored in {opts.storage_url}; trials table: {result.csv_path}")
 
 
+def _open_study(study: str, storage: Optional[str], results_dir: str):
+    from search.study import SearchError, SearchOptions, load_existing_study
+
+    url = storage or SearchOptions(study=study, results_dir=results_dir).storage_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise fail(f"no study {study!r}: {url.removeprefix('sqlite:///')} does not exist (run search first, or "
+                   "give --storage / --results-dir)")
+    try:
+        return load_existing_study(study, url)
+    except SearchError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
+def best(
+    study: Study = "mnist",
+    storage: Storage = None,
+    trial: Annotated[Optional[int], typer.Option("--trial", min=0, help="Certify this trial instead of the winner.")] = None,
+    target: Annotated[Optional[float], typer.Option(min=0, max=100, help="Pareto studies: certify the smallest "
+                                                   "network whose validation accuracy reached this percentage.")] = None,
+    seeds: Annotated[int, typer.Option(min=1, max=10, help="Retraining seeds.")] = 3,
+    max_params: MaxParams = 20_000,
+    device: Annotated[DeviceName, typer.Option()] = DeviceName.auto,
+    data_dir: DataDir = None,
+    results_dir: Annotated[str, typer.Option(help="Where the study's files are.")] = "results",
+) -> None:
+    """Retrain the winner on all 60,000 training images with several seeds and certify it on the test set."""
+    from search.data import DataError, check_data_root
+    from search.retrain import certify, pick_winner
+    from search.study import SearchError
+    from search.train import resolve_device
+
+    try:
+        resolve_device(device.value)
+        check_data_root(data_dir)
+    except (DataError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    study_obj = _open_study(study, storage, results_dir)
+    try:
+        winner = pick_winner(study_obj, trial, None if target is None else target / 100)
+    except SearchError as exc:
+        raise fail(str(exc)) from None
+    val = f", validation {winner.values[0]:.2%}" if winner.values else ""
+    console.print(f"certifying trial {winner.number}: {winner.user_attrs['n_params']:,} params{val}", highlight=False)
+    try:
+        result = certify(study_obj, winner, seeds=seeds, data_dir=data_dir, device=device.value,
+                         results_dir=results_dir, max_params=max_params,
+                         log=lambda line: console.print(line, highlight=False))
+    except DataError as exc:
+        raise fail(str(exc)) from None
+    table = Table(title=f"trial {winner.number} against the rules", title_justify="left")
+    for col in ("rule", "figure", "verdict"):
+        table.add_column(col)
+    for rule in result["rules"]:
+        table.add_row(rule["rule"], rule["figure"], "[green]PASS[/]" if rule["pass"] else "[red]FAIL[/]")
+    console.print(table)
+    per_seed = ", ".join(f"seed {r['seed']}: {r['final_test_acc']:.2%}" for r in result["seeds"])
+    console.print(f"final-epoch test accuracy {per_seed}; {result['seeds_reaching_target']} of {seeds} seeds reached "
+                  f"{result['target']:.2%}", highlight=False)
+    console.print(f"written: {Path(results_dir) / study / 'best.json'} and one checkpoint per seed", highlight=False)
+    if not result["certified"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    study: Study = "mnist",
+    storage: Storage = None,
+    data_dir: DataDir = None,
+    results_dir: Annotated[str, typer.Option(help="Where the study's files are.")] = "results",
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the report in a browser.")] = False,
+) -> None:
+    """Write results/<study>/report.html: one offline page with the study's figures and tables."""
+    from search.report import write_report
+    from search.retrain import read_best
+
+    del data_dir  # accepted like search and best take it; the report reads only the storage and best.json
+    study_obj = _open_study(study, storage, results_dir)
+    path = write_report(study_obj, results_dir, read_best(results_dir, study))
+    console.print(f"report: {path} ({len(study_obj.get_trials(deepcopy=False))} trials)", highlight=False)
+    if open_browser:
+        import webbrowser
+
+        if not webbrowser.open(path.resolve().as_uri()):
+            err.print("no browser found here; open the file above by hand")
+
+
 @app.command()
 def data(data_dir: DataDir = None) -> None:
     """Check the MNIST files under the data root (header, count, size, md5) and print the split sizes."""

@@ -1,0 +1,303 @@
+"""`report`: the study as one self-contained HTML page (plotly.js inlined), readable offline with no server.
+
+Two steps, as in Optuna's own plots: `collect(study, best)` turns storage into plain data (`ReportData`), tested on
+its own; `render(data, study)` turns that data into figures and HTML. Optuna's plot functions draw the history,
+parallel coordinates, importances and timeline; the rest are Plotly figures over the trial frame.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import plotly.graph_objects as go
+from optuna.trial import TrialState
+
+from models.budget import Analysis, analyze
+from models.spec import NetSpec
+from search.fsio import atomic_write_text
+from search.study import feasible_completed, outcome_counts, trial_frame
+
+
+@dataclass
+class ReportData:
+    study_name: str
+    frame: pd.DataFrame  # one row per trial (search.study.trial_frame)
+    counts: dict[str, int]  # outcome -> trials
+    n_trained: int
+    best: dict | None  # number, val_acc, n_params of the best feasible completed trial
+    pareto: list[int]  # trial numbers on the (accuracy up, parameters down) front
+    time_spent_s: float  # sum of trial wall times
+    winner_layers: list[dict] = field(default_factory=list)  # the best trial's layer table
+    winner_spec: dict | None = None
+    certification: dict | None = None  # best.json, when `best` has run
+    max_params: int = 20_000
+    target: float = 0.994
+    objective: str = "accuracy"
+
+
+def pareto_front(points: list[tuple[int, float, int]]) -> list[int]:
+    """Trial numbers not dominated in (higher accuracy, fewer parameters); points are (number, acc, params)."""
+    front = []
+    for number, acc, params in points:
+        dominated = any((a >= acc and p <= params) and (a > acc or p < params) for _, a, p in points)
+        if not dominated:
+            front.append(number)
+    return sorted(front)
+
+
+def collect(study: optuna.Study, certification: dict | None = None) -> ReportData:
+    frame = trial_frame(study)
+    counts = outcome_counts(study)
+    setup = study.user_attrs.get("setup", {})
+    done = feasible_completed(study)
+    best = None
+    winner_layers: list[dict] = []
+    winner_spec = None
+    if done:
+        top = max(done, key=lambda t: (t.values[0], -t.user_attrs["n_params"]))
+        best = {"number": top.number, "val_acc": top.values[0], "n_params": top.user_attrs["n_params"],
+                "receptive_field": top.user_attrs.get("receptive_field")}
+        spec = NetSpec.from_json(top.user_attrs["spec"])
+        winner_spec = json.loads(spec.to_json())
+        winner_layers = [dict(row.__dict__) for row in analyze(spec).layers]
+    points = [(t.number, t.values[0], t.user_attrs["n_params"]) for t in done]
+    n_trained = sum(counts.get(k, 0) for k in ("completed", "pruned", "failed", "training"))
+    time_spent = float(frame["wall_s"].fillna(0).sum()) if "wall_s" in frame else 0.0
+    return ReportData(study.study_name, frame, counts, n_trained, best, pareto_front(points), time_spent,
+                      winner_layers, winner_spec, certification, setup.get("max_params", 20_000), 0.994,
+                      setup.get("objective", "accuracy"))
+
+
+# ---- figures ----------------------------------------------------------------------------------
+
+def fig_params_vs_accuracy(data: ReportData) -> go.Figure:
+    f = data.frame
+    fig = go.Figure()
+    trained = f[f["outcome"].isin(["completed", "pruned", "failed"]) & f["val_acc"].notna()]
+    for outcome, symbol in (("completed", "circle"), ("pruned", "x")):
+        part = trained[trained["outcome"] == outcome]
+        fig.add_trace(go.Scatter(x=part["n_params"], y=part["val_acc"] * 100, mode="markers", name=outcome,
+                                 marker={"symbol": symbol, "size": 9}, text=part["number"].map(lambda n: f"trial {n}"),
+                                 hovertemplate="%{text}<br>%{x:,} params<br>%{y:.2f}%<extra></extra>"))
+    front = f[f["number"].isin(data.pareto)].sort_values("n_params")
+    if len(front):
+        fig.add_trace(go.Scatter(x=front["n_params"], y=front["val_acc"] * 100, mode="lines+markers",
+                                 name="Pareto front", line={"dash": "dot"}, marker={"size": 12, "symbol": "star"}))
+    rejected = f[f["outcome"] == "rejected"]
+    if len(rejected):
+        y_floor = (trained["val_acc"].min() * 100 - 0.5) if len(trained) else 90
+        fig.add_trace(go.Scatter(x=rejected["n_params"], y=[y_floor] * len(rejected), mode="markers",
+                                 name="rejected (never trained)", marker={"symbol": "triangle-down", "color": "grey"},
+                                 text=rejected["reason"], hovertemplate="%{x:,} params<br>%{text}<extra></extra>"))
+    fig.add_vline(x=data.max_params, line={"color": "red", "dash": "dash"},
+                  annotation_text=f"budget {data.max_params:,}")
+    fig.add_hline(y=data.target * 100, line={"color": "green", "dash": "dash"},
+                  annotation_text=f"target {data.target:.1%}")
+    fig.update_layout(title="Parameters against validation accuracy", xaxis_title="parameters",
+                      yaxis_title="validation accuracy (%)")
+    return fig
+
+
+def fig_learning_curves(data: ReportData) -> go.Figure:
+    fig = go.Figure()
+    for _, row in data.frame.iterrows():
+        history = json.loads(row["history"]) if isinstance(row["history"], str) else []
+        if history:
+            fig.add_trace(go.Scatter(x=[e["epoch"] for e in history], y=[e["val_acc"] * 100 for e in history],
+                                     mode="lines+markers", name=f"trial {row['number']} ({row['outcome']})",
+                                     opacity=1.0 if row["outcome"] == "completed" else 0.5))
+    fig.add_hline(y=data.target * 100, line={"color": "green", "dash": "dash"})
+    fig.update_layout(title="Learning curves: validation accuracy per epoch", xaxis_title="epoch",
+                      yaxis_title="validation accuracy (%)")
+    return fig
+
+
+def fig_layout(data: ReportData) -> go.Figure:
+    """The winner drawn as a row of boxes: height is the feature map's side, width grows with its channels."""
+    fig = go.Figure()
+    x = 0.0
+    for row in data.winner_layers:
+        if row["op"] == "bn":
+            continue
+        channels, side = row["out_shape"][0], row["out_shape"][-1] if len(row["out_shape"]) > 1 else 1
+        width = 0.4 + channels / 16
+        colour = {"conv": "#4C78A8", "pool": "#F58518", "gap": "#54A24B"}.get(row["op"], "#999")
+        fig.add_shape(type="rect", x0=x, x1=x + width, y0=-side / 2, y1=side / 2, fillcolor=colour, opacity=0.8,
+                      line={"width": 1})
+        fig.add_annotation(x=x + width / 2, y=side / 2 + 1.5, text=f"{row['name']}<br>{'x'.join(map(str, row['out_shape']))}",
+                           showarrow=False, font={"size": 9})
+        x += width + 0.6
+    fig.update_xaxes(visible=False, range=[-0.5, x + 0.5])  # shapes alone do not size the axes
+    fig.update_yaxes(visible=False, range=[-18, 20])
+    fig.update_layout(title="The winner's layout (box height: map side in pixels; width: channels)", height=320,
+                      showlegend=False)
+    return fig
+
+
+def fig_certification(cert: dict) -> go.Figure:
+    fig = go.Figure()
+    for run in cert["seeds"]:
+        epochs = [e["epoch"] for e in run["epochs"]]
+        fig.add_trace(go.Scatter(x=epochs, y=[e["train_acc"] * 100 for e in run["epochs"]], mode="lines",
+                                 name=f"seed {run['seed']} train acc", line={"dash": "dot"}))
+        fig.add_trace(go.Scatter(x=epochs, y=[e["test_acc"] * 100 for e in run["epochs"]], mode="lines+markers",
+                                 name=f"seed {run['seed']} test acc"))
+        fig.add_trace(go.Scatter(x=epochs, y=[e["train_loss"] for e in run["epochs"]], mode="lines", yaxis="y2",
+                                 name=f"seed {run['seed']} train loss", line={"dash": "dot"}, visible="legendonly"))
+        fig.add_trace(go.Scatter(x=epochs, y=[e["test_loss"] for e in run["epochs"]], mode="lines", yaxis="y2",
+                                 name=f"seed {run['seed']} test loss", visible="legendonly"))
+    fig.add_hline(y=cert["target"] * 100, line={"color": "green", "dash": "dash"})
+    fig.update_layout(title=f"Certification of trial {cert['trial']}: train against test, per seed "
+                            "(train figures are on the augmented, label-smoothed batches)",
+                      xaxis_title="epoch", yaxis={"title": "accuracy (%)", "range": [97, 100]},
+                      yaxis2={"title": "loss", "overlaying": "y", "side": "right"})
+    return fig
+
+
+def _optuna_figures(study: optuna.Study, data: ReportData) -> list[tuple[str, go.Figure | str]]:
+    from optuna import visualization as vis
+
+    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    target = (lambda t: t.values[0]) if data.objective == "pareto" else None
+    name = "validation accuracy"
+    out: list[tuple[str, go.Figure | str]] = []
+    makers = [
+        ("Optimisation history", lambda: vis.plot_optimization_history(study, target=target, target_name=name)),
+        ("Parallel coordinates", lambda: vis.plot_parallel_coordinate(study, target=target, target_name=name)),
+        ("Hyperparameter importances", lambda: vis.plot_param_importances(study, target=target, target_name=name)),
+        ("Timeline of trials", lambda: vis.plot_timeline(study)),
+    ]
+    for title, make in makers:
+        if title != "Timeline of trials" and len(completed) < 2:
+            out.append((title, f"needs at least two completed trials; this study has {len(completed)}"))
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out.append((title, make()))
+        except Exception as exc:  # importances need params shared by several trials, for example
+            out.append((title, f"not available: {type(exc).__name__}: {exc}"))
+    return out
+
+
+# ---- HTML -------------------------------------------------------------------------------------
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }
+h1 { margin-bottom: 0.2rem; } .muted { color: #666; }
+.cards { display: flex; gap: 1rem; flex-wrap: wrap; margin: 1rem 0; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: 0.6rem 1rem; min-width: 8rem; }
+.card b { display: block; font-size: 1.4rem; }
+table { border-collapse: collapse; font-size: 0.85rem; } th, td { border-bottom: 1px solid #eee; padding: 3px 8px; }
+th { cursor: pointer; background: #f6f6f6; position: sticky; top: 0; } td.num { text-align: right; }
+.pass { color: #1a7f37; font-weight: bold; } .fail { color: #cf222e; font-weight: bold; }
+.note { padding: 1rem; background: #fff8e1; border-radius: 6px; }
+.scroll { max-height: 600px; overflow: auto; }
+"""
+
+_SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach((th, col) => th.addEventListener('click', () => {
+  const body = th.closest('table').tBodies[0];
+  const asc = th.dataset.asc !== 'true'; th.dataset.asc = asc;
+  const key = r => { const t = r.cells[col].dataset.v ?? r.cells[col].textContent; const n = parseFloat(t);
+                     return isNaN(n) ? t : n; };
+  Array.from(body.rows).sort((a, b) => { const x = key(a), y = key(b);
+    return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1); }).forEach(r => body.appendChild(r));
+}));
+"""
+
+
+def _table(rows: list[dict], columns: list[str], sortable: bool = False, table_id: str = "") -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for row in rows:
+        cells = []
+        for c in columns:
+            v = row.get(c)
+            if isinstance(v, float) and not pd.isna(v):
+                text = f"{v:,.4f}" if abs(v) < 10 else f"{v:,.1f}"
+                cells.append(f'<td class="num" data-v="{v}">{text}</td>')
+            elif isinstance(v, int) and not isinstance(v, bool):
+                cells.append(f'<td class="num" data-v="{v}">{v:,}</td>')
+            else:
+                cells.append(f"<td>{html.escape('' if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    cls = ' class="sortable"' if sortable else ""
+    ident = f' id="{table_id}"' if table_id else ""
+    return f"<table{cls}{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def render(data: ReportData, study: optuna.Study) -> str:
+    parts: list[str] = []
+    plotly_included = False
+
+    def figure(title: str, fig: go.Figure | str, fig_id: str) -> None:
+        nonlocal plotly_included
+        if isinstance(fig, str):
+            parts.append(f'<section id="{fig_id}"><h2>{html.escape(title)}</h2><p class="note">{html.escape(fig)}</p></section>')
+            return
+        fig.update_layout(template="plotly_white", margin={"t": 60})
+        div = fig.to_html(full_html=False, include_plotlyjs=not plotly_included, div_id=fig_id,
+                          config={"displaylogo": False})
+        plotly_included = True
+        parts.append(f'<section class="figure"><h2>{html.escape(title)}</h2>{div}</section>')
+
+    c = data.counts
+    best = (f"{data.best['val_acc']:.2%} validation accuracy at {data.best['n_params']:,} parameters "
+            f"(trial {data.best['number']})" if data.best else "no completed trial yet")
+    cards = [("trained", data.n_trained), ("completed", c.get("completed", 0)), ("pruned", c.get("pruned", 0)),
+             ("rejected", c.get("rejected", 0)), ("failed", c.get("failed", 0) + c.get("stale", 0)),
+             ("time spent", f"{data.time_spent_s / 60:,.1f} min")]
+    parts.append(f"<h1>budgetnas study <code>{html.escape(data.study_name)}</code></h1>"
+                 f"<p class='muted'>Best: {html.escape(best)}. Budget: fewer than {data.max_params:,} parameters; "
+                 f"target {data.target:.1%}; objective {html.escape(data.objective)}.</p>"
+                 "<div class='cards'>" + "".join(f"<div class='card'>{k}<b>{v}</b></div>" for k, v in cards) + "</div>")
+
+    n_trials = len(data.frame)
+    if data.best is None or n_trials < 2:
+        parts.append(f"<p class='note' id='too-few'>This study has {n_trials} trial(s) and "
+                     f"{c.get('completed', 0)} completed: figures need more. Run <code>cli.py search</code> "
+                     "for more trials, then <code>cli.py report</code> again.</p>")
+    if n_trials:
+        figure("Parameters against validation accuracy", fig_params_vs_accuracy(data), "params-vs-accuracy")
+        figure("Learning curves", fig_learning_curves(data), "learning-curves")
+        for i, (title, fig) in enumerate(_optuna_figures(study, data)):
+            figure(title, fig, ["history", "parallel", "importances", "timeline"][i])
+    if data.winner_layers:
+        parts.append(f"<section id='winner'><h2>The winner: trial {data.best['number']}</h2>")
+        rows = [{**r, "out_shape": "x".join(map(str, r["out_shape"])),
+                 "receptive_field": "-" if r["receptive_field"] is None else r["receptive_field"]}
+                for r in data.winner_layers]
+        parts.append(_table(rows, ["name", "op", "out_shape", "n_params", "receptive_field", "jump", "macs"]))
+        parts.append("</section>")
+        figure("The winner's layout", fig_layout(data), "winner-layout")
+    if data.certification:
+        cert = data.certification
+        rules = "".join(f"<tr><td>{html.escape(r['rule'])}</td><td>{html.escape(r['figure'])}</td>"
+                        f"<td class='{'pass' if r['pass'] else 'fail'}'>{'PASS' if r['pass'] else 'FAIL'}</td></tr>"
+                        for r in cert["rules"])
+        parts.append(f"<section id='certification'><h2>Certification (cli.py best): trial {cert['trial']}</h2>"
+                     f"<table><tbody>{rules}</tbody></table></section>")
+        figure("Train against test, per seed", fig_certification(cert), "certification-curves")
+    if n_trials:
+        cols = ["number", "outcome", "val_acc_pct", "n_params", "receptive_field", "macs", "epochs_trained", "wall_s",
+                "reason"]
+        parts.append("<section id='trials'><h2>Every trial (click a column to sort)</h2><div class='scroll'>"
+                     + _table(data.frame.assign(val_acc_pct=data.frame["val_acc"] * 100).to_dict("records"), cols,
+                              sortable=True, table_id="trial-table")
+                     + "</div></section>")
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<title>budgetnas: {html.escape(data.study_name)}</title><style>{_STYLE}</style></head><body>"
+            + "\n".join(parts) + f"<script>{_SORT_JS}</script></body></html>")
+
+
+def write_report(study: optuna.Study, results_dir: str, certification: dict | None = None) -> Path:
+    data = collect(study, certification)
+    path = Path(results_dir) / study.study_name / "report.html"
+    return atomic_write_text(path, render(data, study))

@@ -1,0 +1,138 @@
+"""`best` certifies a winner on the test set; `report` renders the study to an offline page."""
+
+import json
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from search.report import collect, pareto_front, write_report
+from search.retrain import CheckpointError, load_checkpoint
+from search.study import SearchOptions, run_search
+from search.train import evaluate, to_device
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory, data_root):
+    """Two trained trials; a budget of 6,000 rejects the baseline and small presets, so 'tiny' trains first."""
+    results = tmp_path_factory.mktemp("results")
+    opts = SearchOptions(trials=2, study="tiny", results_dir=str(results), epochs=1, max_params=6_000,
+                         subset=2_000, data_dir=str(data_root), device="cpu")
+    result = run_search(opts, log=lambda line: None)
+    return results, result.study
+
+
+def test_best_writes_best_json_and_a_checkpoint_that_reproduces_it(tiny_study, data_root, mnist):
+    results, study = tiny_study
+    out = runner.invoke(app, ["best", "--study", "tiny", "--results-dir", str(results), "--seeds", "1",
+                              "--data-dir", str(data_root), "--device", "cpu", "--max-params", "6000"])
+    assert out.exit_code in (0, 1), out.output
+    best = json.loads((results / "tiny" / "best.json").read_text())
+    assert best["study"] == "tiny" and best["n_params"] < 6_000 and best["config"]["epochs"] == 1
+    assert len(best["seeds"]) == 1 and len(best["seeds"][0]["epochs"]) == 1
+    epoch = best["seeds"][0]["epochs"][0]
+    assert set(epoch) >= {"train_loss", "train_acc", "test_loss", "test_acc"}
+    assert best["final_test_acc_mean"] == best["seeds"][0]["final_test_acc"] > 0.5
+    assert [r["rule"] for r in best["rules"]][:3] == ["fewer than 6,000 parameters", "no Linear layer",
+                                                      "at most 20 epochs"]
+    assert best["rules"][0]["pass"] and best["rules"][1]["pass"] and best["rules"][2]["pass"]
+    accuracy_pass = best["final_test_acc_mean"] >= 0.994
+    assert best["rules"][3]["pass"] == accuracy_pass and out.exit_code == (0 if accuracy_pass else 1)
+    assert ("PASS" in out.output) and ("FAIL" in out.output) == (not accuracy_pass)
+    assert best["versions"]["torch"] == torch.__version__
+
+    module, payload = load_checkpoint(best["seeds"][0]["checkpoint"])
+    test = load_full_test(data_root)
+    _, acc = evaluate(module, *to_device(test, torch.device("cpu")))
+    assert acc == pytest.approx(best["seeds"][0]["final_test_acc"], abs=1e-9)
+    assert payload["test_acc"] == best["seeds"][0]["final_test_acc"]
+
+
+def load_full_test(data_root):
+    from search.data import load_mnist
+
+    return load_mnist(data_root, with_test=True).test
+
+
+def test_foreign_and_tampered_checkpoints_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"format": "budgetnas-checkpoint-1", "x": Evil()}, foreign)
+    with pytest.raises(CheckpointError, match="refused, not a plain weights file"):
+        load_checkpoint(foreign)
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(CheckpointError, match="not a budgetnas checkpoint"):
+        load_checkpoint(other)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(garbage)
+
+
+def test_best_on_a_missing_study_says_so(tmp_path, data_root):
+    out = runner.invoke(app, ["best", "--study", "nope", "--results-dir", str(tmp_path), "--data-dir", str(data_root)])
+    assert out.exit_code == 2 and "no study 'nope'" in out.output
+
+
+def test_report_data_and_page(tiny_study):
+    results, study = tiny_study
+    data = collect(study)
+    assert data.n_trained == 2 and data.counts["rejected"] >= 2  # the presets over 6,000, and any sampled
+    assert data.best["n_params"] < 6_000 and data.winner_layers[0]["name"] == "b1.conv1"
+    assert len(data.frame) == len(study.get_trials())
+    out = runner.invoke(app, ["report", "--study", "tiny", "--results-dir", str(results)])
+    assert out.exit_code == 0, out.output
+    page = (results / "tiny" / "report.html").read_text()
+    assert "cdn.plot.ly" not in page and "plotly.js v" in page.lower() or "Plotly" in page
+    for fig_id in ("params-vs-accuracy", "learning-curves", "history", "timeline", "winner", "trial-table"):
+        assert f'id="{fig_id}"' in page or f"id='{fig_id}'" in page, fig_id
+
+
+def test_pareto_front():
+    assert pareto_front([(0, 0.99, 5000), (1, 0.98, 6000), (2, 0.995, 9000), (3, 0.97, 3000)]) == [0, 2, 3]
+
+
+def test_report_of_an_empty_study_says_so(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'e.db'}"
+    study = optuna.create_study(study_name="e", storage=storage)
+    path = write_report(study, str(tmp_path))
+    assert "This study has 0 trial(s)" in path.read_text()
+
+
+@pytest.mark.browser
+def test_report_opens_in_headless_chromium_without_errors(tiny_study, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's package)")
+    from playwright.sync_api import sync_playwright
+
+    results, study = tiny_study
+    path = write_report(study, str(results))
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(path.resolve().as_uri())
+        page.wait_for_selector("#params-vs-accuracy .main-svg")
+        n_plots = page.evaluate("document.querySelectorAll('.js-plotly-plot').length")
+        page.click("#trial-table th:nth-child(3)")  # sort by validation accuracy
+        shot = results / "tiny" / "report.png"
+        page.screenshot(path=str(shot), full_page=False)
+        browser.close()
+    assert errors == []
+    assert n_plots >= 5
+    assert shot.stat().st_size > 10_000
