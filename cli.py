@@ -181,6 +181,8 @@ def search(
                                          "rejecting them.")] = False,
     max_rejections: Annotated[int, typer.Option(min=1, help="Stop after this many untrained candidates in a row.")] = 200,
     results_dir: Annotated[str, typer.Option(help="Where the database, trials.csv and reports go.")] = "results",
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for this worker [default: cores / "
+                                                   "jobs]; with W workers on one machine, give cores / W.")] = None,
 ) -> None:
     """Search the block-builder's space with Optuna; every trial is stored, and the same command resumes."""
     import signal
@@ -193,7 +195,8 @@ def search(
         opts = SearchOptions(trials=trials, study=study, storage=storage, results_dir=results_dir, epochs=epochs,
                              max_params=max_params, objective=objective.value, sampler=sampler.value,
                              pruner=pruner.value, seed=seed, device=device.value, jobs=jobs, subset=subset,
-                             data_dir=data_dir, warm_start=warm_start, repair=repair, max_rejections=max_rejections)
+                             data_dir=data_dir, warm_start=warm_start, repair=repair, max_rejections=max_rejections,
+                             threads=threads)
         resolve_device(opts.device)
         check_data_root(data_dir)
         _refuse_sqlite_across_threads(opts)

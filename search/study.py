@@ -10,7 +10,7 @@ Every trial ends in one of these outcomes (user attribute "outcome"):
     pruned       stopped early by the pruner
     failed       the training blew up (NaN loss, an exception, out of memory): FAIL, with the reason
     interrupted  Ctrl-C or SIGTERM during the trial: FAIL, parameters queued again
-    surplus      another worker filled the last training slot first: FAIL, nothing trained
+    surplus      another worker filled the last training slot first: PRUNED, nothing trained
 
 `--trials N` counts trained trials (training, completed, pruned, failed) across every process that shares the
 storage: the command run again after an interruption continues to N, and parallel workers stop at N together.
@@ -75,6 +75,7 @@ class SearchOptions:
     warm_start: bool = True
     repair: bool = False
     max_rejections: int = 200  # consecutive untrained suggestions before giving up
+    threads: int | None = None  # torch CPU threads for this process; default: cores / jobs
 
     def __post_init__(self) -> None:
         def bad(name, limit):
@@ -98,6 +99,8 @@ class SearchOptions:
             bad("subset", "must be from 100 to 50,000 training images")
         if self.max_rejections < 1:
             bad("max_rejections", "must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            bad("threads", "must be at least 1")
 
     @property
     def storage_url(self) -> str:
@@ -122,16 +125,24 @@ def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     elif url.startswith("postgresql"):
         engine_kwargs = {"pool_pre_ping": True}
-    try:
-        with warnings.catch_warnings():  # heartbeats are marked experimental, and have been since Optuna 2.8
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            kwargs = dict(heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1)
-                          ) if heartbeat else {}
+    with warnings.catch_warnings():  # heartbeats are marked experimental, and have been since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        kwargs = dict(heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1)
+                      ) if heartbeat else {}
+    for attempt in range(5):
+        try:
             return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    except Exception as exc:
-        raise SearchError(f"storage {url!r} cannot be opened: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        except ImportError as exc:
+            raise SearchError(f"storage {url!r}: its database driver is not installed ({exc})") from None
+        except Exception as exc:
+            # Workers started together on a fresh database race to create Optuna's tables; the loser retries.
+            if "already exists" in str(exc) or "UniqueViolation" in str(exc) or "duplicate key" in str(exc):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise SearchError(f"storage {url!r} cannot be opened: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    raise SearchError(f"storage {url!r}: its tables could not be created after 5 attempts")
 
 
 def load_existing_study(study_name: str, storage_url: str) -> optuna.Study:
@@ -144,15 +155,19 @@ def load_existing_study(study_name: str, storage_url: str) -> optuna.Study:
 
 
 def _sampler(opts: SearchOptions) -> optuna.samplers.BaseSampler:
+    seed = opts.seed
+    if opts.storage is not None:
+        # A shared storage means workers: with one seed they would all suggest the same candidates in lockstep.
+        seed = (opts.seed * 1_000_003 + os.getpid()) % 2**31
     if opts.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=opts.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if opts.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=opts.seed)
+        return optuna.samplers.NSGAIISampler(seed=seed)
     # Multivariate TPE models the joint choices (widths with depth); the trials' constraint values (set_constraint)
     # steer it off over-budget nets. `group` splits the conditional space (1 to 3 blocks) into its subspaces.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=opts.seed, n_startup_trials=10, multivariate=True, group=True)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, multivariate=True, group=True)
 
 
 def _pruner(opts: SearchOptions) -> optuna.pruners.BasePruner:
@@ -214,26 +229,32 @@ def outcome_counts(study: optuna.Study) -> dict[str, int]:
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         key = t.user_attrs.get("outcome", "stale" if t.state == TrialState.FAIL else t.state.name.lower())
-        if key == "training" and t.state != TrialState.RUNNING:
+        if t.state == TrialState.WAITING:
+            key = "queued"  # enqueued (a preset, or a retry carrying the attributes of the trial it retries)
+        elif key in ("training", "pending") and t.state == TrialState.FAIL:
             key = "stale"  # a worker died mid-trial; heartbeats failed it
         counts[key] = counts.get(key, 0) + 1
     return counts
 
 
-def _claims_slot(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
-    """True if this trial may train without the study passing n_trials trained trials.
+def _claim(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> str | None:
+    """None if this trial may train; otherwise why not ("surplus" or "duplicate:<number>").
 
     Called after this trial marked itself "training". Trials numbered below it that count, or that are still
     running and may yet claim a slot, are counted against it; higher-numbered ones never are. So two workers that
-    race for the last slot cannot both win, and the lower number does.
+    race for the last slot, or for the same candidate, cannot both win, and the lower number does.
     """
     ahead = 0
+    key = trial.user_attrs.get("key")
     for t in study.get_trials(deepcopy=False):
         if t.number >= trial.number:
             continue
-        if is_counted(t) or (t.state == TrialState.RUNNING and t.user_attrs.get("outcome", "pending") == "pending"):
+        pending = t.state == TrialState.RUNNING and t.user_attrs.get("outcome", "pending") == "pending"
+        if is_counted(t) or pending:
             ahead += 1
-    return ahead < n_trials
+            if key is not None and t.user_attrs.get("key") == key:
+                return f"duplicate:{t.number}"
+    return None if ahead < n_trials else "surplus"
 
 
 def feasible_completed(study: optuna.Study) -> list[FrozenTrial]:
@@ -382,10 +403,18 @@ def make_objective(ctx: TrialContext) -> Callable[[optuna.Trial], float | tuple[
             return _reject(trial, "built module refused: " + "; ".join(module_verdict.reasons))
 
         trial.set_user_attr("outcome", "training")
-        if not _claims_slot(study, trial, opts.trials):
+        refusal = _claim(study, trial, opts.trials)
+        if refusal == "surplus":
             trial.set_user_attr("outcome", "surplus")
             trial.set_user_attr("reason", f"the study already has {opts.trials} trained trials")
             raise optuna.TrialPruned("surplus")
+        if refusal is not None:  # another worker is training the same candidate right now
+            ctx.consecutive_untrained += 1
+            other = int(refusal.split(":")[1])
+            trial.set_user_attr("outcome", "duplicate")
+            trial.set_user_attr("duplicate_of", other)
+            trial.set_user_attr("reason", f"same spec and training config as trial {other}, trained by another worker")
+            raise optuna.TrialPruned(trial.user_attrs["reason"])
         ctx.consecutive_untrained = 0
         ctx.trained_here += 1
         n_params = module_verdict.n_params
@@ -480,10 +509,16 @@ def trial_frame(study: optuna.Study):
     import pandas as pd
 
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    retried_as = {t.user_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.user_attrs}
+    for t in trials:
         attrs = t.user_attrs
-        row = {"number": t.number, "state": t.state.name, "outcome": attrs.get("outcome", ""),
-               "reason": attrs.get("reason", ""), "n_params": attrs.get("n_params"),
+        outcome, reason = attrs.get("outcome", ""), attrs.get("reason", "")
+        if t.state == TrialState.FAIL and outcome in ("training", "pending"):
+            outcome, reason = "stale", f"its worker stopped sending heartbeats (killed?); failed after {GRACE_S} s"
+        if t.number in retried_as:
+            reason += f"; queued again as trial {retried_as[t.number]}"
+        row = {"number": t.number, "state": t.state.name, "outcome": outcome, "reason": reason, "n_params": attrs.get("n_params"),
                "receptive_field": attrs.get("receptive_field"), "macs": attrs.get("macs"),
                "val_acc": t.values[0] if t.values else (t.intermediate_values[max(t.intermediate_values)]
                                                         if t.intermediate_values else None),
@@ -517,7 +552,7 @@ def run_search(opts: SearchOptions, log: Callable[[str], None] = print, progress
         return SearchResult(study, count_trained(study), outcome_counts(study), 0.0, None, csv_path)
 
     if device.type == "cpu":  # threads x parallel trials <= cores, else they thrash (measured 20x slower)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.jobs))
+        torch.set_num_threads(opts.threads or max(1, (os.cpu_count() or 1) // opts.jobs))
     mnist = load_mnist(opts.data_dir)
     train = mnist.train.head(opts.subset) if opts.subset else mnist.train
     data = (*to_device(train, device), *to_device(mnist.val, device))
