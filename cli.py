@@ -21,7 +21,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(soft_wrap=True)  # log lines stay whole in files and CI logs
 err = Console(stderr=True, soft_wrap=True)
 
-MaxParams = Annotated[int, typer.Option("--max-params", min=1, help="Budget: networks must have fewer parameters.")]
+def bounded(lo: int, hi: int | None = None, note: str = ""):
+    """A typer callback that refuses a number outside [lo, hi], naming the value and the limit."""
+    def check_value(value):
+        if value is not None and (value < lo or (hi is not None and value > hi)):
+            limit = f"must be from {lo:,} to {hi:,}" if hi is not None else f"must be at least {lo:,}"
+            raise typer.BadParameter(f"{value} {limit}{note}")
+        return value
+    return check_value
+
+
+MaxParams = Annotated[int, typer.Option("--max-params", callback=bounded(1),
+                                        help="Budget: networks must have fewer parameters.")]
 DataDir = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding MNIST/raw/*-ubyte "
                                                 "[default: $BUDGETNAS_DATA, else ./data].")]
 Study = Annotated[str, typer.Option("--study", help="Study name.")]
@@ -161,10 +172,11 @@ def _on_sigterm(signum, frame):
 
 @app.command()
 def search(
-    trials: Annotated[int, typer.Option(min=1, help="Trained trials in the study (rejected candidates do not count).")] = 50,
+    trials: Annotated[int, typer.Option(callback=bounded(1), help="Trained trials in the study (rejected candidates do not count).")] = 50,
     study: Study = "mnist",
     storage: Storage = None,
-    epochs: Annotated[int, typer.Option(min=1, max=20, help="Epochs per trial (the rules allow at most 20).")] = 20,
+    epochs: Annotated[int, typer.Option(callback=bounded(1, 20, " (the exercise allows at most 20 epochs)"),
+                                        help="Epochs per trial (the rules allow at most 20).")] = 20,
     max_params: MaxParams = 20_000,
     objective: Annotated[Objective, typer.Option(help="accuracy: maximise validation accuracy; pareto: also "
                                                  "minimise parameters.")] = Objective.accuracy,
@@ -172,22 +184,22 @@ def search(
     pruner: Annotated[PrunerName, typer.Option(help="Stops weak trials early, once per epoch.")] = PrunerName.hyperband,
     seed: Annotated[int, typer.Option(help="Sampler and training seed.")] = 0,
     device: Annotated[DeviceName, typer.Option()] = DeviceName.auto,
-    jobs: Annotated[int, typer.Option(min=1, help="Trials in parallel in this process (helps on a GPU).")] = 1,
-    subset: Annotated[Optional[int], typer.Option(min=100, max=50_000, help="Train on the first N training "
+    jobs: Annotated[int, typer.Option(callback=bounded(1), help="Trials in parallel in this process (helps on a GPU).")] = 1,
+    subset: Annotated[Optional[int], typer.Option(callback=bounded(100, 50_000, " training images"), help="Train on the first N training "
                                                   "images (quick tries).")] = None,
     data_dir: DataDir = None,
     warm_start: Annotated[bool, typer.Option(help="Enqueue the presets as the first trials.")] = True,
     repair: Annotated[bool, typer.Option(help="Shrink over-budget candidates until they fit, instead of "
                                          "rejecting them.")] = False,
-    max_rejections: Annotated[int, typer.Option(min=1, help="Stop after this many untrained candidates in a row.")] = 200,
+    max_rejections: Annotated[int, typer.Option(callback=bounded(1), help="Stop after this many untrained candidates in a row.")] = 200,
     results_dir: Annotated[str, typer.Option(help="Where the database, trials.csv and reports go.")] = "results",
-    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for this worker [default: cores / "
+    threads: Annotated[Optional[int], typer.Option(callback=bounded(1), help="CPU threads for this worker [default: cores / "
                                                    "jobs]; with W workers on one machine, give cores / W.")] = None,
 ) -> None:
     """Search the block-builder's space with Optuna; every trial is stored, and the same command resumes."""
     import signal
 
-    from search.data import DataError, check_data_root
+    from search.data import DataError, check_data_root, load_mnist
     from search.study import SearchError, SearchOptions, run_search
     from search.train import resolve_device
 
@@ -200,6 +212,7 @@ def search(
         resolve_device(opts.device)
         check_data_root(data_dir)
         _refuse_sqlite_across_threads(opts)
+        load_mnist(data_dir)  # absent files: the download is tried, and refused here, before anything is written
     except (SearchError, DataError, ValueError) as exc:
         raise fail(str(exc)) from None
 
@@ -300,10 +313,10 @@ def _open_study(study: str, storage: Optional[str], results_dir: str):
 def best(
     study: Study = "mnist",
     storage: Storage = None,
-    trial: Annotated[Optional[int], typer.Option("--trial", min=0, help="Certify this trial instead of the winner.")] = None,
-    target: Annotated[Optional[float], typer.Option(min=0, max=100, help="Pareto studies: certify the smallest "
+    trial: Annotated[Optional[int], typer.Option("--trial", callback=bounded(0), help="Certify this trial instead of the winner.")] = None,
+    target: Annotated[Optional[float], typer.Option(callback=bounded(0, 100, " percent"), help="Pareto studies: certify the smallest "
                                                    "network whose validation accuracy reached this percentage.")] = None,
-    seeds: Annotated[int, typer.Option(min=1, max=10, help="Retraining seeds.")] = 3,
+    seeds: Annotated[int, typer.Option(callback=bounded(1, 10), help="Retraining seeds.")] = 3,
     max_params: MaxParams = 20_000,
     device: Annotated[DeviceName, typer.Option()] = DeviceName.auto,
     data_dir: DataDir = None,

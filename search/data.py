@@ -98,12 +98,20 @@ def check_file(path: Path) -> None:
 
 
 def _download(root: Path) -> None:
+    created = [p for p in (root / "MNIST" / "raw", root / "MNIST", root) if not p.exists()]
     try:
         from torchvision.datasets import MNIST as TorchvisionMNIST
 
         TorchvisionMNIST(str(root), train=True, download=True)
         TorchvisionMNIST(str(root), train=False, download=True)
     except Exception as exc:  # no network, read-only folder, ...
+        for folder in created:  # leave nothing behind: the folders torchvision made for the download
+            try:
+                for partial in folder.glob("*.gz"):
+                    partial.unlink()
+                folder.rmdir()
+            except OSError:
+                pass
         raise DataError(
             f"MNIST is not under {root.resolve()} (expected MNIST/raw/train-images-idx3-ubyte and the three other "
             f"IDX files) and downloading it failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "

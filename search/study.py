@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 import optuna
+import torch
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
@@ -49,7 +50,10 @@ PRUNERS = ("hyperband", "median", "none")
 OBJECTIVES = ("accuracy", "pareto")
 # A worker writes a heartbeat every HEARTBEAT_S seconds; a RUNNING trial silent for GRACE_S is failed and retried.
 HEARTBEAT_S, GRACE_S = (int(x) for x in os.environ.get("BUDGETNAS_HEARTBEAT", "10,60").split(","))
-FAULT_ENV = "BUDGETNAS_FAULT"  # test hook: "exception@N" or "nan@N" makes trial number N fail that way
+FAULT_ENV = "BUDGETNAS_FAULT"
+# host:pid, stored on each trial so that a dead local worker's trials are found; tests set another host to play a
+# worker on a different machine, whose death only heartbeats can reveal.
+WORKER = os.environ.get("BUDGETNAS_WORKER") or f"{platform.node()}:{os.getpid()}"  # test hook: "exception@N" or "nan@N" makes trial number N fail that way
 
 
 class SearchError(RuntimeError):
@@ -125,14 +129,14 @@ def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     elif url.startswith("postgresql"):
         engine_kwargs = {"pool_pre_ping": True}
-    with warnings.catch_warnings():  # heartbeats are marked experimental, and have been since Optuna 2.8
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        kwargs = dict(heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1)
-                      ) if heartbeat else {}
     for attempt in range(5):
         try:
-            return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+            with warnings.catch_warnings():  # heartbeats are marked experimental, and have been since Optuna 2.8
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                kwargs = dict(heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1)
+                              ) if heartbeat else {}
+                return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
         except ImportError as exc:
             raise SearchError(f"storage {url!r}: its database driver is not installed ({exc})") from None
         except Exception as exc:
@@ -257,6 +261,34 @@ def _claim(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> str | Non
     return None if ahead < n_trials else "surplus"
 
 
+def fail_dead_local_trials(study: optuna.Study) -> list[int]:
+    """RUNNING trials of a worker on this machine whose process is gone (SIGKILL, a crash): fail them now and queue
+    their parameters again once, rather than waiting for the heartbeat grace period. Returns their numbers."""
+    host = platform.node()
+    dead = []
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker_host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+        if worker_host != host or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+            dead.append(t.number)
+            if t.number not in retried:
+                study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+    return dead
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def feasible_completed(study: optuna.Study) -> list[FrozenTrial]:
     """Trials trained to their last epoch within the budget: the only candidates for the best."""
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -364,9 +396,18 @@ def make_objective(ctx: TrialContext) -> Callable[[optuna.Trial], float | tuple[
     pareto = opts.objective == "pareto"
 
     def objective(trial: optuna.Trial):
+        try:
+            return run_trial(trial)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM, wherever the trial was: close it as interrupted
+            trial.set_user_attr("outcome", "interrupted")
+            trial.set_user_attr("reason", "interrupted (Ctrl-C or SIGTERM)")
+            raise
+
+    def run_trial(trial: optuna.Trial):
         study = trial.study
         # A retried trial arrives with the user attributes of the one it retries: mark it as new.
         trial.set_user_attr("outcome", "pending")
+        trial.set_user_attr("worker", WORKER)
         retry_of = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
         if retry_of is not None:
             trial.set_user_attr("retry_of", retry_of)
@@ -427,6 +468,8 @@ def make_objective(ctx: TrialContext) -> Callable[[optuna.Trial], float | tuple[
         def on_epoch(record) -> bool:
             if fault == "exception":
                 raise RuntimeError("injected fault (test hook)")
+            if fault == "oom":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test hook)")
             history_so_far.append(asdict(record))
             trial.set_user_attr("history", history_so_far)  # stored per epoch: a killed trial keeps its curve
             if pareto:
@@ -440,8 +483,6 @@ def make_objective(ctx: TrialContext) -> Callable[[optuna.Trial], float | tuple[
             history = fit(module, None, None, cfg, device=ctx.device, on_epoch=on_epoch,
                           progress=ctx.progress, data_on_device=ctx.data)
         except KeyboardInterrupt:
-            trial.set_user_attr("outcome", "interrupted")
-            trial.set_user_attr("reason", "interrupted (Ctrl-C or SIGTERM) during training")
             trial.set_user_attr("wall_s", time.perf_counter() - start)
             raise
         except Exception as exc:
@@ -515,7 +556,7 @@ def trial_frame(study: optuna.Study):
         attrs = t.user_attrs
         outcome, reason = attrs.get("outcome", ""), attrs.get("reason", "")
         if t.state == TrialState.FAIL and outcome in ("training", "pending"):
-            outcome, reason = "stale", f"its worker stopped sending heartbeats (killed?); failed after {GRACE_S} s"
+            outcome, reason = "stale", "its worker stopped (killed?): found dead or silent past the heartbeat grace"
         if t.number in retried_as:
             reason += f"; queued again as trial {retried_as[t.number]}"
         row = {"number": t.number, "state": t.state.name, "outcome": outcome, "reason": reason, "n_params": attrs.get("n_params"),
@@ -547,6 +588,8 @@ def run_search(opts: SearchOptions, log: Callable[[str], None] = print, progress
     study = open_study(opts)
     csv_path = trials_csv_path(opts.results_dir, opts.study)
     start = time.perf_counter()
+    for number in fail_dead_local_trials(study):
+        log(f"trial {number}: its worker on this machine is gone (killed?); failed, and its parameters queued again")
     if count_trained(study) >= opts.trials:
         write_trials_csv(study, csv_path)
         return SearchResult(study, count_trained(study), outcome_counts(study), 0.0, None, csv_path)

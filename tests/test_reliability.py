@@ -1,0 +1,181 @@
+"""Interruptions, faults and bad input lose nothing: each case of the reliability table, on real (tiny) runs."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from cli import app
+from search.retrain import pick_winner
+from search.study import FAULT_ENV, SearchError, SearchOptions, count_trained, load_existing_study, run_search
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def opts(tmp_path, data_root, **over):
+    base = dict(trials=3, study="f", results_dir=str(tmp_path), epochs=1, subset=500, data_dir=str(data_root),
+                device="cpu", warm_start=True)
+    return SearchOptions(**{**base, **over})
+
+
+# ---- faults inside a trial ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault, reason", [
+    ("exception", "RuntimeError: injected fault (test hook)"),
+    ("nan", "loss became NaN or infinite in epoch 1"),
+    ("oom", "out of memory: OutOfMemoryError: CUDA out of memory"),
+])
+def test_a_faulty_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path, data_root, monkeypatch, fault, reason):
+    monkeypatch.setenv(FAULT_ENV, f"{fault}@0")  # trial 0 is the first preset, the best-scoring candidate
+    result = run_search(opts(tmp_path, data_root), log=lambda line: None)
+    trials = result.study.get_trials()
+    assert trials[0].state == TrialState.FAIL
+    assert trials[0].user_attrs["outcome"] == "failed"
+    assert trials[0].user_attrs["reason"].startswith(reason)
+    assert result.trained == 3  # the failure counts as trained (it spent training), and the study went on
+    assert [t.user_attrs["outcome"] for t in trials[1:3]] == ["completed", "completed"]
+    assert pick_winner(result.study).number != 0  # a failed trial is never the best
+
+
+# ---- set-up fingerprint -----------------------------------------------------------------------
+
+def test_reusing_a_study_with_another_setup_is_refused(tmp_path, data_root):
+    run_search(opts(tmp_path, data_root, trials=1), log=lambda line: None)
+    with pytest.raises(SearchError) as info:
+        run_search(opts(tmp_path, data_root, trials=1, epochs=2, max_params=15_000), log=lambda line: None)
+    message = str(info.value)
+    assert "study 'f' was created with a different set-up" in message
+    assert "max_params was 20000, now 15000" in message and "epochs was 1, now 2" in message
+    assert "give a new --study name" in message
+    out = runner.invoke(app, ["search", "--trials", "1", "--epochs", "2", "--subset", "500", "--study", "f",
+                              "--results-dir", str(tmp_path), "--data-dir", str(data_root), "--device", "cpu"])
+    assert out.exit_code == 2 and "different set-up" in out.output
+
+
+# ---- signals to a real search ---------------------------------------------------------------------
+
+def start_search(tmp_path, data_root, study, trials=3, epochs=2):
+    args = [sys.executable, str(ROOT / "cli.py"), "search", "--trials", str(trials), "--epochs", str(epochs),
+            "--subset", "1000", "--study", study, "--results-dir", str(tmp_path), "--data-dir", str(data_root),
+            "--device", "cpu"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return args, proc
+
+
+def wait_for_training(proc, number):
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(f"trial {number}: training"):
+            time.sleep(1.0)
+            return lines
+    raise AssertionError("".join(lines))
+
+
+def test_sigterm_closes_the_trial_exits_143_and_the_same_command_completes(tmp_path, data_root):
+    args, proc = start_search(tmp_path, data_root, "term")
+    wait_for_training(proc, 0)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=60) == 143, out
+    assert "SIGTERM: search stopped" in out
+    study = load_existing_study("term", f"sqlite:///{tmp_path / 'term.db'}")
+    first = study.get_trials()[0]
+    assert first.state == TrialState.FAIL and first.user_attrs["outcome"] == "interrupted"
+    again = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert count_trained(load_existing_study("term", f"sqlite:///{tmp_path / 'term.db'}")) == 3
+
+
+def test_after_sigkill_the_next_run_fails_the_dead_trial_and_retries_it(tmp_path, data_root):
+    args, proc = start_search(tmp_path, data_root, "kill")
+    wait_for_training(proc, 0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    url = f"sqlite:///{tmp_path / 'kill.db'}"
+    assert load_existing_study("kill", url).get_trials()[0].state == TrialState.RUNNING
+    again = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "trial 0: its worker on this machine is gone" in again.stdout
+    study = load_existing_study("kill", url)
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == 0]
+    assert len(retry) == 1 and retry[0].params == trials[0].params
+    assert count_trained(study) == 3 and not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+# ---- bad input: refused before any training, exit 2, nothing written ----------------------------
+
+def _corrupt_root(data_root, tmp_path):
+    root = tmp_path / "corrupt"
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (data_root / "MNIST" / "raw").glob("*-ubyte"):
+        shutil.copy(f, raw / f.name)
+    with open(raw / "t10k-images-idx3-ubyte", "r+b") as f:
+        f.seek(5000)
+        f.write(b"\xff" * 64)
+    return root
+
+
+BAD_SEARCH_INPUT = [
+    (["--trials", "0"], "Invalid value for '--trials': 0 must be at least 1"),
+    (["--trials", "-3"], "-3 must be at least 1"),
+    (["--epochs", "0"], "Invalid value for '--epochs': 0 must be from 1 to 20 (the exercise allows at most 20 epochs)"),
+    (["--epochs", "21"], "21 must be from 1 to 20"),
+    (["--max-params", "0"], "Invalid value for '--max-params': 0 must be at least 1"),
+    (["--subset", "10"], "Invalid value for '--subset': 10 must be from 100 to 50,000 training images"),
+    (["--sampler", "grid"], "Invalid value for '--sampler':"),  # typer names the value and the choices
+    (["--sampler", "grid"], "'grid' is not one of 'tpe', 'random', 'nsga2'"),
+    (["--pruner", "asha"], "'asha' is not one of 'hyperband', 'median', 'none'"),
+    (["--device", "tpu"], "'tpu' is not one of 'auto', 'cpu', 'cuda'"),
+    (["--storage", "nosuchdb://x/y"], "storage 'nosuchdb://x/y' cannot be opened"),
+    (["--storage", "postgresql://nobody:pw@127.0.0.1:1/none"], "cannot be opened"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_SEARCH_INPUT)
+def test_bad_search_input_is_refused_before_training(tmp_path, data_root, extra, message):
+    results = tmp_path / "results"
+    args = ["search", "--results-dir", str(results), "--data-dir", str(data_root), *extra]
+    out = runner.invoke(app, args)
+    assert out.exit_code == 2, out.output
+    assert message in " ".join(out.output.replace("│", " ").split()), out.output  # typer draws a box
+    assert not results.exists() or not any(results.rglob("*")), "something was written"
+
+
+def test_missing_data_directory_is_refused_and_nothing_written(tmp_path):
+    results, data = tmp_path / "results", tmp_path / "no-data-here"
+    out = runner.invoke(app, ["search", "--results-dir", str(results), "--data-dir", str(data)])
+    assert out.exit_code == 2
+    assert "downloading it failed" in out.output and "--data-dir" in out.output
+    assert not results.exists() and not data.exists()
+
+
+def test_corrupted_idx_file_is_refused_and_nothing_written(tmp_path, data_root):
+    results = tmp_path / "results"
+    out = runner.invoke(app, ["search", "--results-dir", str(results), "--data-dir", str(_corrupt_root(data_root, tmp_path))])
+    assert out.exit_code == 2 and "t10k-images-idx3-ubyte: md5" in out.output
+    assert not results.exists()
+
+
+def test_spec_file_that_does_not_parse_exits_2(tmp_path):
+    bad = tmp_path / "spec.json"
+    bad.write_text("{'blocks': []}")
+    out = runner.invoke(app, ["check", str(bad)])
+    assert out.exit_code == 2 and "spec is not valid JSON" in out.output
+
+
+def test_sqlite_with_parallel_jobs_is_refused_with_advice(tmp_path, data_root):
+    out = runner.invoke(app, ["search", "--jobs", "2", "--results-dir", str(tmp_path / "r"), "--data-dir", str(data_root)])
+    assert out.exit_code == 2 and "use a server database" in out.output
