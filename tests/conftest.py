@@ -18,6 +18,18 @@ def data_root() -> Path:
     return DATA_ROOT
 
 
+@pytest.fixture
+def mnist_copy(data_root, tmp_path) -> Path:
+    """A writable copy of the data root, to damage: returns the folder holding MNIST/raw."""
+    import shutil
+
+    raw = tmp_path / "copy" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (data_root / "MNIST" / "raw").glob("*-ubyte"):
+        shutil.copy(f, raw / f.name)
+    return tmp_path / "copy"
+
+
 @pytest.fixture(scope="session")
 def mnist(data_root):
     from search.data import load_mnist

@@ -86,15 +86,9 @@ def test_user_module_with_linear_is_refused(tmp_path):
     assert missing.exit_code == 2 and "defines no 'Nope'" in missing.output
 
 
-def test_truncated_idx_file_exits_2(tmp_path, data_root):
-    import shutil
-
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for f in (data_root / "MNIST" / "raw").glob("*-ubyte"):
-        shutil.copy(f, raw / f.name)
-    with open(raw / "train-images-idx3-ubyte", "r+b") as f:
+def test_truncated_idx_file_exits_2(mnist_copy):
+    with open(mnist_copy / "MNIST" / "raw" / "train-images-idx3-ubyte", "r+b") as f:
         f.truncate(1_000_000)
-    result = runner.invoke(app, ["data", "--data-dir", str(tmp_path)])
+    result = runner.invoke(app, ["data", "--data-dir", str(mnist_copy)])
     assert result.exit_code == 2
     assert "train-images-idx3-ubyte: 1,000,000 bytes, expected 47,040,016" in result.output

@@ -1,12 +1,10 @@
 """MNIST loading: the checked reader, the fixed split, and clear errors for missing or broken files."""
 
-import shutil
-
 import pytest
 import torch
 
 from search import data as data_mod
-from search.data import FILES, DataError, check_data_root, load_mnist
+from search.data import DataError, check_data_root, load_mnist
 
 
 def test_split_is_fixed_and_disjoint(mnist, data_root):
@@ -29,41 +27,33 @@ def test_env_var_gives_the_root(monkeypatch, data_root):
     assert load_mnist().root == data_root
 
 
-def _copy_root(data_root, tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in FILES:
-        shutil.copy(data_root / "MNIST" / "raw" / name, raw / name)
-    return raw
-
-
-def test_truncated_file_is_named(data_root, tmp_path):
-    raw = _copy_root(data_root, tmp_path)
+def test_truncated_file_is_named(mnist_copy):
+    raw = mnist_copy / "MNIST" / "raw"
     with open(raw / "train-labels-idx1-ubyte", "r+b") as f:
         f.truncate(30_000)
     with pytest.raises(DataError) as info:
-        check_data_root(tmp_path)
+        check_data_root(mnist_copy)
     assert "train-labels-idx1-ubyte: 30,000 bytes, expected 60,008" in str(info.value)
 
 
-def test_corrupted_file_is_named(data_root, tmp_path):
-    raw = _copy_root(data_root, tmp_path)
+def test_corrupted_file_is_named(mnist_copy):
+    raw = mnist_copy / "MNIST" / "raw"
     with open(raw / "t10k-labels-idx1-ubyte", "r+b") as f:
         f.seek(100)
         byte = f.read(1)
         f.seek(100)
         f.write(bytes([byte[0] ^ 0xFF]))  # flip one label byte
     with pytest.raises(DataError) as info:
-        check_data_root(tmp_path)
+        check_data_root(mnist_copy)
     assert "t10k-labels-idx1-ubyte: md5" in str(info.value) and "corrupted" in str(info.value)
 
 
-def test_wrong_header_is_named(data_root, tmp_path):
-    raw = _copy_root(data_root, tmp_path)
+def test_wrong_header_is_named(mnist_copy):
+    raw = mnist_copy / "MNIST" / "raw"
     with open(raw / "train-images-idx3-ubyte", "r+b") as f:
         f.write((1234).to_bytes(4, "big"))
     with pytest.raises(DataError, match="train-images-idx3-ubyte: not an IDX file of this kind: magic number 1234"):
-        check_data_root(tmp_path)
+        check_data_root(mnist_copy)
 
 
 def test_missing_root_with_failed_download_says_what_to_do(tmp_path, monkeypatch):

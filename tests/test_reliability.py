@@ -1,7 +1,6 @@
 """Interruptions, faults and bad input lose nothing: each case of the reliability table, on real (tiny) runs."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -116,18 +115,6 @@ def test_after_sigkill_the_next_run_fails_the_dead_trial_and_retries_it(tmp_path
 
 # ---- bad input: refused before any training, exit 2, nothing written ----------------------------
 
-def _corrupt_root(data_root, tmp_path):
-    root = tmp_path / "corrupt"
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for f in (data_root / "MNIST" / "raw").glob("*-ubyte"):
-        shutil.copy(f, raw / f.name)
-    with open(raw / "t10k-images-idx3-ubyte", "r+b") as f:
-        f.seek(5000)
-        f.write(b"\xff" * 64)
-    return root
-
-
 BAD_SEARCH_INPUT = [
     (["--trials", "0"], "Invalid value for '--trials': 0 must be at least 1"),
     (["--trials", "-3"], "-3 must be at least 1"),
@@ -162,9 +149,12 @@ def test_missing_data_directory_is_refused_and_nothing_written(tmp_path):
     assert not results.exists() and not data.exists()
 
 
-def test_corrupted_idx_file_is_refused_and_nothing_written(tmp_path, data_root):
+def test_corrupted_idx_file_is_refused_and_nothing_written(tmp_path, mnist_copy):
+    with open(mnist_copy / "MNIST" / "raw" / "t10k-images-idx3-ubyte", "r+b") as f:
+        f.seek(5000)
+        f.write(b"\xff" * 64)
     results = tmp_path / "results"
-    out = runner.invoke(app, ["search", "--results-dir", str(results), "--data-dir", str(_corrupt_root(data_root, tmp_path))])
+    out = runner.invoke(app, ["search", "--results-dir", str(results), "--data-dir", str(mnist_copy)])
     assert out.exit_code == 2 and "t10k-images-idx3-ubyte: md5" in out.output
     assert not results.exists()
 
