@@ -96,9 +96,9 @@ def fig_params_vs_accuracy(data: ReportData) -> go.Figure:
                                  name="rejected (never trained)", marker={"symbol": "triangle-down", "color": "grey"},
                                  text=rejected["reason"], hovertemplate="%{x:,} params<br>%{text}<extra></extra>"))
     fig.add_vline(x=data.max_params, line={"color": "red", "dash": "dash"},
-                  annotation_text=f"budget {data.max_params:,}")
+                  annotation_text=f"budget {data.max_params:,}", annotation_position="bottom left")
     fig.add_hline(y=data.target * 100, line={"color": "green", "dash": "dash"},
-                  annotation_text=f"target {data.target:.1%}")
+                  annotation_text=f"target {data.target:.1%}", annotation_position="top left")
     fig.update_layout(title="Parameters against validation accuracy", xaxis_title="parameters",
                       yaxis_title="validation accuracy (%)")
     return fig
@@ -242,7 +242,7 @@ def render(data: ReportData, study: optuna.Study) -> str:
         if isinstance(fig, str):
             parts.append(f'<section id="{fig_id}"><h2>{html.escape(title)}</h2><p class="note">{html.escape(fig)}</p></section>')
             return
-        fig.update_layout(template="plotly_white", margin={"t": 60})
+        fig.update_layout(template="plotly_white", margin={"t": 30}, title_text="")  # the h2 above is the title
         div = fig.to_html(full_html=False, include_plotlyjs=not plotly_included, div_id=fig_id,
                           config={"displaylogo": False})
         plotly_included = True
@@ -276,7 +276,8 @@ def render(data: ReportData, study: optuna.Study) -> str:
                 for r in data.winner_layers]
         parts.append(_table(rows, ["name", "op", "out_shape", "n_params", "receptive_field", "jump", "macs"]))
         parts.append("</section>")
-        figure("The winner's layout", fig_layout(data), "winner-layout")
+        figure("The winner's layout (box height: map side in pixels; width: channels)", fig_layout(data),
+               "winner-layout")
     if data.certification:
         cert = data.certification
         rules = "".join(f"<tr><td>{html.escape(r['rule'])}</td><td>{html.escape(r['figure'])}</td>"
@@ -284,7 +285,8 @@ def render(data: ReportData, study: optuna.Study) -> str:
                         for r in cert["rules"])
         parts.append(f"<section id='certification'><h2>Certification (cli.py best): trial {cert['trial']}</h2>"
                      f"<table><tbody>{rules}</tbody></table></section>")
-        figure("Train against test, per seed", fig_certification(cert), "certification-curves")
+        figure("Train against test, per seed (train figures: on the augmented, label-smoothed batches)",
+               fig_certification(cert), "certification-curves")
     if n_trials:
         cols = ["number", "outcome", "val_acc_pct", "n_params", "receptive_field", "macs", "epochs_trained", "wall_s",
                 "reason"]

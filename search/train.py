@@ -189,11 +189,13 @@ def _use_channels_last(device: torch.device) -> bool:
 
 def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConfig, *, device: str | torch.device = "auto",
         on_epoch: Callable[[EpochRecord], bool | None] | None = None, progress: bool | None = None,
-        data_on_device: tuple | None = None) -> History:
+        data_on_device: tuple | None = None, compile_model: bool = False) -> History:
     """Train `model` on `train`, evaluating on `val` after every epoch.
 
     `data_on_device`: the (x_train, y_train, x_val, y_val) tensors from `to_device`, to share one copy across trials.
     `progress`: a rich progress bar; by default only when stderr is a terminal.
+    `compile_model`: run the steps through torch.compile; its compile time lands in the first epoch's seconds
+    (benchmarks/train_throughput.py measures whether it pays off).
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     torch.manual_seed(cfg.seed)
@@ -211,6 +213,7 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = _optimizer(model, cfg)
+    step_model = torch.compile(model) if compile_model else model
     n = len(y_train)
     steps_per_epoch = n // cfg.batch_size + (1 if n % cfg.batch_size > 1 else 0)  # a last batch of 1 is dropped
     sched = _scheduler(opt, cfg, steps_per_epoch)
@@ -235,7 +238,7 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
                 if channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 with _autocast(device):
-                    logits = model(xb)
+                    logits = step_model(xb)
                     loss = criterion(logits.float(), yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -253,7 +256,7 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
             if not math.isfinite(train_loss):
                 history.status = "nan"
                 return history
-            val_loss, val_acc = evaluate(model, x_val, y_val, channels_last=channels_last)
+            val_loss, val_acc = evaluate(step_model, x_val, y_val, channels_last=channels_last)
             record = EpochRecord(epoch, train_loss, correct.item() / seen, val_loss, val_acc,
                                  opt.param_groups[0]["lr"], time.perf_counter() - start, seen / train_seconds)
             history.epochs.append(record)

@@ -113,3 +113,16 @@ def test_interrupted_search_resumes_to_n_and_not_more(tmp_path, data_root):
     assert count_trained(study) == 3
     retry = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == interrupted[0].number]
     assert len(retry) == 1 and retry[0].params == interrupted[0].params
+
+
+def test_pareto_search_stores_accuracy_and_parameters(tmp_path, data_root):
+    from search.retrain import pick_winner
+
+    opts = SearchOptions(trials=2, study="p", results_dir=str(tmp_path), epochs=1, subset=500, max_params=9_000,
+                         data_dir=str(data_root), device="cpu", objective="pareto", sampler="nsga2")
+    study = run_search(opts, log=quiet).study
+    assert len(study.directions) == 2
+    done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    assert len(done) == 2 and all(t.values[1] == t.user_attrs["n_params"] for t in done)
+    smallest = pick_winner(study, target=0.0)
+    assert smallest.user_attrs["n_params"] == min(t.user_attrs["n_params"] for t in done)
