@@ -7,19 +7,20 @@ Exit codes: 0 success, 1 refused (a network over the budget, a failed certificat
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Search small conv nets under a parameter budget (MNIST, <20k params, no Linear, <=20 epochs).")
 console = Console(soft_wrap=True)  # log lines stay whole in files and CI logs
 err = Console(stderr=True, soft_wrap=True)
+
 
 def bounded(lo: int, hi: int | None = None, note: str = ""):
     """A typer callback that refuses a number outside [lo, hi], naming the value and the limit."""
@@ -38,11 +39,10 @@ DataDir = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holdi
 Study = Annotated[str, typer.Option("--study", help="Study name.")]
 Storage = Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL "
                                                 "[default: sqlite:///results/<study>.db].")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(Text.assemble(("error: ", "bold red"), message))  # plain text: a message may hold [brackets]
     return typer.Exit(code)
 
 
@@ -114,11 +114,11 @@ def check(target: Annotated[str, typer.Argument(help="A preset name, a spec JSON
     if verdict.receptive_field is not None:
         console.print(f"receptive field before global pooling: {verdict.receptive_field} pixels")
     if verdict.ok:
-        console.print(f"[bold green]{verdict.summary()}[/]", highlight=False)
+        console.print(Text(verdict.summary(), style="bold green"))
         return
     console.print("[bold red]REFUSED[/]")
     for reason in verdict.reasons:
-        console.print(f"  - {reason}", highlight=False, soft_wrap=True)
+        console.print(f"  - {reason}", highlight=False, markup=False)
     raise typer.Exit(1)
 
 
@@ -224,7 +224,7 @@ def search(
         _print_trial_line(study_obj, trial, opts)
 
     try:
-        result = run_search(opts, log=lambda line: console.print(line, highlight=False), on_trial_end=on_trial_end)
+        result = run_search(opts, log=lambda line: console.print(line, highlight=False, markup=False), on_trial_end=on_trial_end)
     except (SearchError, DataError) as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt as exc:
@@ -264,7 +264,7 @@ def _print_trial_line(study_obj, trial, opts) -> None:
     console.print(
         f"trial {trial.number} {outcome}: {attrs.get('n_params', 0):,} params, {figure}{seconds} | "
         f"{count_trained(study_obj)}/{opts.trials} trained, {counts.get('rejected', 0)} rejected, "
-        f"{counts.get('pruned', 0)} pruned | best {best}", highlight=False)
+        f"{counts.get('pruned', 0)} pruned | best {best}", highlight=False, markup=False)
 
 
 def _best_line(study_obj) -> str:
@@ -343,7 +343,7 @@ def best(
     try:
         result = certify(study_obj, winner, seeds=seeds, data_dir=data_dir, device=device.value,
                          results_dir=results_dir, max_params=max_params,
-                         log=lambda line: console.print(line, highlight=False))
+                         log=lambda line: console.print(line, highlight=False, markup=False))
     except DataError as exc:
         raise fail(str(exc)) from None
     table = Table(title=f"trial {winner.number} against the rules", title_justify="left")
