@@ -91,7 +91,10 @@ def test_interrupted_search_resumes_to_n_and_not_more(tmp_path, data_root):
     args = cli("--trials", "3", "--epochs", "2", "--subset", "1000", "--study", "i", "--results-dir", str(tmp_path),
                "--data-dir", str(data_root), "--device", "cpu")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    # A shell running us in the background may have set SIGINT to "ignore", which children inherit; a terminal's
+    # Ctrl-C reaches a foreground search with the default disposition, so give it that.
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stdout:  # wait until the second trial is training, then press Ctrl-C
         lines.append(line)
