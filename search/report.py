@@ -18,7 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from optuna.trial import TrialState
 
-from models.budget import Analysis, analyze
+from models.budget import analyze
 from models.spec import NetSpec
 from search.fsio import atomic_write_text
 from search.study import feasible_completed, outcome_counts, trial_frame

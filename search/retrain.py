@@ -24,7 +24,7 @@ from models.spec import NetSpec, SpecError
 from search.data import load_mnist
 from search.fsio import atomic_write, atomic_write_text
 from search.study import SearchError, feasible_completed, provenance
-from search.train import MAX_EPOCHS, TrainConfig, evaluate, fit, resolve_device, to_device
+from search.train import MAX_EPOCHS, TrainConfig, fit, resolve_device, to_device
 
 TARGET = 0.994  # the exercise's test accuracy, final epoch, mean over seeds
 CHECKPOINT_FORMAT = "budgetnas-checkpoint-1"

@@ -26,7 +26,7 @@ import platform
 import subprocess
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -335,10 +335,6 @@ def repair_spec(spec: NetSpec, max_params: int) -> NetSpec | None:
     return None
 
 
-class Rejected(Exception):
-    """A candidate that is not trained; the reason is stored on the trial."""
-
-
 @dataclass
 class TrialContext:
     opts: SearchOptions
@@ -348,7 +344,6 @@ class TrialContext:
     consecutive_untrained: int = 0
     stop_reason: str | None = None
     progress: bool | None = None
-    trained_here: int = 0
 
 
 def _set_constraint(trial: optuna.Trial, value: float) -> None:
@@ -457,7 +452,6 @@ def make_objective(ctx: TrialContext) -> Callable[[optuna.Trial], float | tuple[
             trial.set_user_attr("reason", f"same spec and training config as trial {other}, trained by another worker")
             raise optuna.TrialPruned(trial.user_attrs["reason"])
         ctx.consecutive_untrained = 0
-        ctx.trained_here += 1
         n_params = module_verdict.n_params
         ctx.log(f"trial {trial.number}: training {n_params:,} params, RF {trial.user_attrs['receptive_field']} px, "
                 f"{cfg.optimizer} lr {cfg.lr:.3g} {cfg.schedule} bs {cfg.batch_size} [{count_trained(study)}/{opts.trials} trained]")

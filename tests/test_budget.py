@@ -1,6 +1,5 @@
 """The budget checker: analytic counts against torch, receptive fields by hand, and the refusals."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from search import data as data_mod
 from search.data import DataError, check_data_root, load_mnist
 
 

@@ -8,9 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
 import pandas as pd
-import pytest
 from optuna.trial import TrialState
 
 from search.study import SearchOptions, count_trained, load_existing_study, run_search

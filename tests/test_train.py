@@ -1,6 +1,5 @@
 """The training engine on small real data: it learns, it is deterministic, it survives a blow-up."""
 
-import math
 
 import pytest
 import torch
