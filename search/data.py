@@ -77,10 +77,16 @@ def _md5(path: Path) -> str:
 
 def check_file(path: Path) -> None:
     """Raise DataError naming the file if its header, item count, size or checksum is off."""
-    magic, items, size, md5 = FILES[path.name]
     if not path.is_file():
         raise DataError(f"{path}: missing")
-    actual = path.stat().st_size
+    stat = path.stat()
+    _check_file(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _check_file(path: Path, actual: int, mtime_ns: int) -> None:
+    """Keyed by size and mtime: the md5 of an unchanged file is read once per process, not once per caller."""
+    magic, items, size, md5 = FILES[path.name]
     with path.open("rb") as f:
         header = f.read(8)
     if len(header) < 8:

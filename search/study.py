@@ -425,7 +425,7 @@ def make_objective(ctx: TrialContext) -> Callable[[optuna.Trial], float | tuple[
         _set_constraint(trial, trial.user_attrs["constraint"])
         duplicate = _find_duplicate(study, trial, trial.user_attrs["key"])
         if duplicate is not None:
-            ctx.consecutive_untrained += 1
+            _count_untrained(trial)
             trial.set_user_attr("outcome", "duplicate")
             trial.set_user_attr("duplicate_of", duplicate.number)
             trial.set_user_attr("reason", f"same spec and training config as trial {duplicate.number}")
@@ -445,7 +445,7 @@ def make_objective(ctx: TrialContext) -> Callable[[optuna.Trial], float | tuple[
             trial.set_user_attr("reason", f"the study already has {opts.trials} trained trials")
             raise optuna.TrialPruned("surplus")
         if refusal is not None:  # another worker is training the same candidate right now
-            ctx.consecutive_untrained += 1
+            _count_untrained(trial)
             other = int(refusal.split(":")[1])
             trial.set_user_attr("outcome", "duplicate")
             trial.set_user_attr("duplicate_of", other)
@@ -490,8 +490,7 @@ def make_objective(ctx: TrialContext) -> Callable[[optuna.Trial], float | tuple[
             raise TrialFailed(reason) from exc
         trial.set_user_attr("wall_s", time.perf_counter() - start)
         trial.set_user_attr("device", history.device)
-        trial.set_user_attr("epochs_trained", len(history.epochs))
-        trial.set_user_attr("history", [asdict(e) for e in history.epochs])
+        trial.set_user_attr("epochs_trained", len(history.epochs))  # the history itself was stored per epoch
         if history.status == "nan":
             trial.set_user_attr("outcome", "failed")
             trial.set_user_attr("reason", f"loss became NaN or infinite in epoch {len(history.epochs) + 1}")
@@ -504,16 +503,20 @@ def make_objective(ctx: TrialContext) -> Callable[[optuna.Trial], float | tuple[
         trial.set_user_attr("outcome", "completed")
         return (history.final_val_acc, float(n_params)) if pareto else history.final_val_acc
 
-    def _reject(trial: optuna.Trial, reason: str):
+    def _count_untrained(trial: optuna.Trial) -> None:
+        """Rejections and duplicates alike: too many in a row and the search stops instead of spinning."""
         ctx.consecutive_untrained += 1
-        trial.set_user_attr("outcome", "rejected")
-        trial.set_user_attr("reason", reason)
-        ctx.log(f"trial {trial.number}: rejected, {reason}")
         if ctx.consecutive_untrained >= opts.max_rejections:
             ctx.stop_reason = (f"{ctx.consecutive_untrained} candidates in a row were rejected or repeated: the "
                                f"space barely fits the {opts.max_params:,} budget; raise --max-params, use --repair, "
                                "or change the sampler")
             trial.study.stop()
+
+    def _reject(trial: optuna.Trial, reason: str):
+        _count_untrained(trial)
+        trial.set_user_attr("outcome", "rejected")
+        trial.set_user_attr("reason", reason)
+        ctx.log(f"trial {trial.number}: rejected, {reason}")
         raise optuna.TrialPruned(reason)
 
     return objective

@@ -127,3 +127,15 @@ def test_pareto_search_stores_accuracy_and_parameters(tmp_path, data_root):
     assert len(done) == 2 and all(t.values[1] == t.user_attrs["n_params"] for t in done)
     smallest = pick_winner(study, target=0.0)
     assert smallest.user_attrs["n_params"] == min(t.user_attrs["n_params"] for t in done)
+
+
+def test_repeated_duplicates_stop_the_search_like_rejections(tmp_path, data_root):
+    opts = SearchOptions(trials=1, study="dd", results_dir=str(tmp_path), epochs=1, subset=500,
+                         data_dir=str(data_root), device="cpu", warm_start=False, sampler="random")
+    done = run_search(opts, log=quiet).study.get_trials()[0]
+    study = load_existing_study("dd", opts.storage_url)
+    for _ in range(2):
+        study.enqueue_trial(done.params)
+    result = run_search(SearchOptions(**{**opts.__dict__, "trials": 2, "max_rejections": 2}), log=quiet)
+    assert result.stop_reason and "2 candidates in a row were rejected or repeated" in result.stop_reason
+    assert result.trained == 1
