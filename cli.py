@@ -151,6 +151,7 @@ class SamplerName(str, Enum):
 
 
 class PrunerName(str, Enum):
+    sha = "sha"
     hyperband = "hyperband"
     median = "median"
     none = "none"
@@ -181,7 +182,7 @@ def search(
     objective: Annotated[Objective, typer.Option(help="accuracy: maximise validation accuracy; pareto: also "
                                                  "minimise parameters.")] = Objective.accuracy,
     sampler: Annotated[SamplerName, typer.Option()] = SamplerName.tpe,
-    pruner: Annotated[PrunerName, typer.Option(help="Stops weak trials early, once per epoch.")] = PrunerName.hyperband,
+    pruner: Annotated[PrunerName, typer.Option(help="Stops weak trials early: sha = successive halving at epochs 1, 3, 9 (default; also for pareto), hyperband, median or none.")] = PrunerName.sha,
     seed: Annotated[int, typer.Option(help="Sampler and training seed.")] = 0,
     device: Annotated[DeviceName, typer.Option()] = DeviceName.auto,
     jobs: Annotated[int, typer.Option(callback=bounded(1), help="Trials in parallel in this process (helps on a GPU).")] = 1,

@@ -55,10 +55,12 @@ def usual_loop(spec, root, n_images: int, device) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def engine(spec, mnist, n_images: int, device, compile_model: bool = False) -> tuple[float, float]:
+def engine(spec, mnist, n_images: int, device, compile_model: bool = False, cuda_graphs: bool = True,
+           batch_size: int = TrainConfig.batch_size) -> tuple[float, float]:
     """Images per second of the second epoch, and the first epoch's extra seconds (compile time, warm-up)."""
-    history = fit(build(spec), mnist.train.head(n_images), mnist.val.head(1000), TrainConfig(epochs=2),
-                  device=device, progress=False, compile_model=compile_model)
+    history = fit(build(spec), mnist.train.head(n_images), mnist.val.head(1000),
+                  TrainConfig(epochs=2, batch_size=batch_size), device=device, progress=False,
+                  compile_model=compile_model, cuda_graphs=cuda_graphs)
     first, last = history.epochs  # the second epoch: allocator, kernel choices and compiled graphs warmed up
     return last.images_per_s, first.seconds - last.seconds
 
@@ -109,9 +111,17 @@ def main() -> None:
             gain = 1 / eng_ips - 1 / comp[0]  # seconds saved per image
             line += (f"; torch.compile {comp[0]:,.0f} img/s ({comp[0] / eng_ips:.2f}x), compile {comp[1]:.0f} s, "
                      f"pays off after {comp[1] / gain / 50_000 if gain > 0 else float('inf'):.1f} epochs of 50,000")
-        if device.type == "cuda":
-            line += f"; {50_000 / eng_ips:.2f} s per 50,000-image epoch"
         print(line, flush=True)
+        if device.type == "cuda":  # the engine as trials run it (CUDA graphs) against plain eager, per epoch
+            eager = statistics.median(engine(spec, mnist, args.images, device, cuda_graphs=False)[0]
+                                      for _ in range(args.repeats))
+            print(f"  {name} on {torch.cuda.get_device_name(device)}: CUDA graphs {50_000 / eng_ips:.2f} s per "
+                  f"50,000-image epoch ({eng_ips:,.0f} img/s), eager {50_000 / eager:.2f} s ({eager:,.0f} img/s), "
+                  f"graphs/eager {eng_ips / eager:.1f}x", flush=True)
+            for batch in (128, 256):
+                ips = engine(spec, mnist, args.images, device, batch_size=batch)[0]
+                print(f"  {name} batch {batch}: CUDA graphs {50_000 / ips:.2f} s per epoch ({ips:,.0f} img/s)",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ from models.spec import Conv, ConvBlock, Head, NetSpec, Transition
 from search.train import TrainConfig
 
 MAX_BLOCKS = 3
-CHANNELS = (4, 40)  # per conv; with 3 blocks of 3 convs this reaches far past 20k, with 1 block of 1 conv ~100
+# Channels per conv, in steps of 8: on the 2-core CPU a net of widths 16/16/8/16/16 (1.71 M MACs) trained 4,300 img/s
+# and one of 10/20/10/20/20 (1.54 M MACs) 2,800 img/s; vector units and tensor cores both work in multiples of 8.
+# With 3 blocks of 3 convs this reaches far past 20k, with 1 block of 1 conv about 150 parameters.
+CHANNELS = (8, 40, 8)
 LR = {"sgd": (0.01, 0.4), "adamw": (5e-4, 2e-2)}  # peak learning rate ranges, log-uniform
 BATCH_SIZES = (64, 128, 256)  # images per step
 DROPOUT = (0.0, 0.15)
@@ -33,11 +36,11 @@ def suggest(trial: optuna.trial.BaseTrial, epochs: int = 20, seed: int = 0) -> t
     for i in range(1, n_blocks + 1):
         n_convs = trial.suggest_int(f"b{i}_convs", 1, 3)
         padding = trial.suggest_int(f"b{i}_padding", 0, 1)
-        convs = tuple(Conv(trial.suggest_int(f"b{i}_c{j}", *CHANNELS), 3, padding) for j in range(1, n_convs + 1))
+        convs = tuple(Conv(trial.suggest_int(f"b{i}_c{j}", CHANNELS[0], CHANNELS[1], step=CHANNELS[2]), 3, padding) for j in range(1, n_convs + 1))
         pool = trial.suggest_categorical(f"b{i}_pool", [True, False])
         blocks.append(ConvBlock(convs, batchnorm, dropout, pool))
         if i < n_blocks and trial.suggest_categorical(f"t{i}", [True, False]):
-            blocks.append(Transition(trial.suggest_int(f"t{i}_c", *CHANNELS), batchnorm, False))
+            blocks.append(Transition(trial.suggest_int(f"t{i}_c", CHANNELS[0], CHANNELS[1], step=CHANNELS[2]), batchnorm, False))
     head = Head(trial.suggest_categorical("head", ["conv_gap", "gap_conv"]))
 
     optimizer = trial.suggest_categorical("optimizer", ["sgd", "adamw"])

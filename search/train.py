@@ -7,9 +7,12 @@ A NaN or infinite loss ends training with status "nan" rather than an exception.
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
+import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
@@ -177,7 +180,33 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 def _autocast(device: torch.device):
     # bfloat16 on CUDA: tensor-core convs, no loss scaling needed. On the CPU float32 is faster for these sizes.
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    # cache_enabled=False: CUDA-graphed modules require it (the cast weights must not outlive the capture).
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    return torch.autocast("cpu", enabled=False)
+
+
+_CAPTURE_LOCK = threading.Lock()  # one capture at a time in this process
+
+
+def _graph_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """Capture the model's training forward and backward as CUDA graphs (torch.cuda.make_graphed_callables).
+
+    A step then costs two graph launches instead of one kernel launch per layer and op, which is what bounds a
+    20k-parameter net on a GPU. Evaluation (model.eval()) still runs the ordinary forward. The capture's warm-up
+    passes update BatchNorm's running statistics and draw dropout masks, so buffers and the RNG are put back.
+    """
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.cuda.get_rng_state(example.device)
+    extra = {}
+    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
+        extra["capture_error_mode"] = "thread_local"  # other trials' threads may use the GPU meanwhile
+    try:
+        with _CAPTURE_LOCK, _autocast(example.device):
+            return torch.cuda.make_graphed_callables(model, (example,), **extra)
+    finally:
+        model.load_state_dict(state)
+        torch.cuda.set_rng_state(rng, example.device)
 
 
 def _use_channels_last(device: torch.device) -> bool:
@@ -190,13 +219,16 @@ def _use_channels_last(device: torch.device) -> bool:
 
 def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConfig, *, device: str | torch.device = "auto",
         on_epoch: Callable[[EpochRecord], bool | None] | None = None, progress: bool | None = None,
-        data_on_device: tuple | None = None, compile_model: bool = False) -> History:
+        data_on_device: tuple | None = None, compile_model: bool = False,
+        cuda_graphs: bool = True) -> History:
     """Train `model` on `train`, evaluating on `val` after every epoch.
 
     `data_on_device`: the (x_train, y_train, x_val, y_val) tensors from `to_device`, to share one copy across trials.
     `progress`: a rich progress bar; by default only when stderr is a terminal.
     `compile_model`: run the steps through torch.compile; its compile time lands in the first epoch's seconds
     (benchmarks/train_throughput.py measures whether it pays off).
+    `cuda_graphs`: on CUDA, replay the training forward and backward as CUDA graphs (batches are then all full:
+    the last partial batch of an epoch is dropped). Ignored on the CPU and under `compile_model`.
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     torch.manual_seed(cfg.seed)
@@ -213,10 +245,23 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = _optimizer(model, cfg)
-    step_model = torch.compile(model) if compile_model else model
     n = len(y_train)
-    steps_per_epoch = n // cfg.batch_size + (1 if n % cfg.batch_size > 1 else 0)  # a last batch of 1 is dropped
+    graphs = cuda_graphs and device.type == "cuda" and not compile_model and n >= cfg.batch_size
+    if graphs:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+        example = x_train[:cfg.batch_size].contiguous(memory_format=torch.channels_last if channels_last
+                                                       else torch.contiguous_format)
+        try:
+            step_model = _graph_model(model, example)
+        except Exception as err:  # a model the capture cannot take still trains, eagerly
+            warnings.warn(f"CUDA graph capture failed, training eagerly: {type(err).__name__}: {err}", stacklevel=2)
+            graphs = False
+    if graphs:
+        steps_per_epoch = n // cfg.batch_size  # graphs have a fixed batch size
+    else:
+        step_model = torch.compile(model) if compile_model else model
+        steps_per_epoch = n // cfg.batch_size + (1 if n % cfg.batch_size > 1 else 0)  # a last batch of 1 is dropped
+    opt = _optimizer(model, cfg)
     sched = _scheduler(opt, cfg, steps_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     history = History(device=str(device), n_params=sum(p.numel() for p in model.parameters()))

@@ -124,7 +124,7 @@ BAD_SEARCH_INPUT = [
     (["--subset", "10"], "Invalid value for '--subset': 10 must be from 100 to 50,000 training images"),
     (["--sampler", "grid"], "Invalid value for '--sampler':"),  # typer names the value and the choices
     (["--sampler", "grid"], "'grid' is not one of 'tpe', 'random', 'nsga2'"),
-    (["--pruner", "asha"], "'asha' is not one of 'hyperband', 'median', 'none'"),
+    (["--pruner", "asha"], "'asha' is not one of 'sha', 'hyperband', 'median', 'none'"),
     (["--device", "tpu"], "'tpu' is not one of 'auto', 'cpu', 'cuda'"),
     (["--storage", "nosuchdb://x/y"], "storage 'nosuchdb://x/y' cannot be opened"),
     (["--storage", "postgresql://nobody:pw@127.0.0.1:1/none"], "cannot be opened"),
