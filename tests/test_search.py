@@ -86,7 +86,8 @@ def cli(*args, env=None):
 
 
 def test_interrupted_search_resumes_to_n_and_not_more(tmp_path, data_root):
-    args = cli("--trials", "3", "--epochs", "2", "--subset", "1000", "--study", "i", "--results-dir", str(tmp_path),
+    # Five trained trials: the five presets, the interrupted one's retry queued behind the three still waiting.
+    args = cli("--trials", "5", "--epochs", "2", "--subset", "1000", "--study", "i", "--results-dir", str(tmp_path),
                "--data-dir", str(data_root), "--device", "cpu")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # A shell running us in the background may have set SIGINT to "ignore", which children inherit; a terminal's
@@ -102,7 +103,7 @@ def test_interrupted_search_resumes_to_n_and_not_more(tmp_path, data_root):
             break
     out = "".join(lines) + proc.stdout.read()
     assert proc.wait(timeout=120) == 130, out
-    assert "Run the same command to continue to 3 trials" in out
+    assert "Run the same command to continue to 5 trials" in out
     study = load_existing_study("i", f"sqlite:///{tmp_path / 'i.db'}")
     interrupted = [t for t in study.get_trials() if t.user_attrs.get("outcome") == "interrupted"]
     assert len(interrupted) == 1 and interrupted[0].state == TrialState.FAIL
@@ -111,7 +112,7 @@ def test_interrupted_search_resumes_to_n_and_not_more(tmp_path, data_root):
     resumed = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     study = load_existing_study("i", f"sqlite:///{tmp_path / 'i.db'}")
-    assert count_trained(study) == 3
+    assert count_trained(study) == 5
     retry = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == interrupted[0].number]
     assert len(retry) == 1 and retry[0].params == interrupted[0].params
 
@@ -139,3 +140,44 @@ def test_repeated_duplicates_stop_the_search_like_rejections(tmp_path, data_root
     result = run_search(SearchOptions(**{**opts.__dict__, "trials": 2, "max_rejections": 2}), log=quiet)
     assert result.stop_reason and "2 candidates in a row were rejected or repeated" in result.stop_reason
     assert result.trained == 1
+
+
+def test_a_too_small_receptive_field_is_rejected_untrained(tmp_path, data_root):
+    # --min-rf 17 rejects the three 16-px presets; the 18-px compact preset is the first to train.
+    opts = SearchOptions(trials=1, study="rf", results_dir=str(tmp_path), epochs=1, subset=500, min_rf=17,
+                         data_dir=str(data_root), device="cpu", seed=1)
+    trials = run_search(opts, log=quiet).study.get_trials()
+    by_preset = {t.user_attrs.get("preset"): t for t in trials}
+    for name in ("baseline", "small", "tiny"):
+        t = by_preset[name]
+        assert t.user_attrs["outcome"] == "rejected" and "history" not in t.user_attrs
+        assert t.user_attrs["reason"].startswith("receptive field 16 px, under the 17 px minimum (--min-rf)")
+    assert by_preset["compact"].user_attrs["outcome"] == "completed"
+    assert by_preset["compact"].user_attrs["receptive_field"] == 18
+
+
+def _reported(number: int, n_params: int, curve: list[float]):
+    from optuna.trial import create_trial
+
+    trial = create_trial(state=TrialState.PRUNED, user_attrs={"n_params": n_params,
+                                                              "history": [{"val_acc": v} for v in curve]})
+    trial.number = number
+    return trial
+
+
+def test_pareto_pruning_judges_a_trial_against_nets_no_larger():
+    from search.study import pareto_should_prune, rungs
+
+    assert rungs(20) == [1, 3, 9] and rungs(3) == [1] and rungs(1) == []
+    others = [_reported(0, 19_674, [0.97]), _reported(1, 5_000, [0.95]), _reported(2, 4_000, [0.94]),
+              _reported(3, 3_000, [0.93]), _reported(4, 6_000, [0.96, 0.97])]
+    # Alone at its size: nothing smaller reported, so it goes on however weak.
+    assert not pareto_should_prune(others, 9, 2_000, 1, 0.50)
+    # 3 rivals at or under 5,500 params (0.95, 0.94, 0.93): it must be the best of the four.
+    assert pareto_should_prune(others, 9, 5_500, 1, 0.945)
+    assert not pareto_should_prune(others, 9, 5_500, 1, 0.951)
+    # Every other trial is a rival at 20,000: 5 rivals + itself, the top 2 go on.
+    assert not pareto_should_prune(others, 9, 20_000, 1, 0.965)
+    assert pareto_should_prune(others, 9, 20_000, 1, 0.955)
+    # Its own earlier record is not a rival; trials that stopped before the epoch are not either.
+    assert not pareto_should_prune(others, 4, 6_000, 2, 0.90)

@@ -1,5 +1,7 @@
 """The search space, tested with FixedTrial: presets are inside it, and both ends of the budget are reachable."""
 
+import warnings
+
 import optuna
 import pytest
 
@@ -26,16 +28,28 @@ def params(**over):
     return base
 
 
+def on_grid(values: dict):
+    """A FixedTrial that refuses any value the space could not sample (widths come in steps of 8)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return suggest(optuna.trial.FixedTrial(values))
+
+
 def test_a_network_of_about_3000_parameters_is_reachable():
-    spec, _ = suggest(optuna.trial.FixedTrial(params(b1_c1=6, b1_c2=11, b2_c1=11, b2_c2=14, t1_c=6)))
-    assert 2_800 <= count_params(spec) <= 3_200, count_params(spec)
+    spec, _ = on_grid(params(b1_convs=1, b1_c1=16, t1_c=16, b2_c1=8, b2_c2=16))
+    assert 2_900 <= count_params(spec) <= 3_100, count_params(spec)
 
 
 def test_a_network_of_about_19900_parameters_is_reachable():
-    spec, _ = suggest(optuna.trial.FixedTrial(params(
-        n_blocks=3, b1_c1=12, b1_c2=24, t1_c=12, b2_c1=24, b2_c2=24, b2_pool=False, t2=True, t2_c=12,
-        b3_convs=2, b3_padding=0, b3_c1=24, b3_c2=26, b3_pool=False)))
-    assert 19_800 <= count_params(spec) < 20_000, count_params(spec)
+    spec, _ = on_grid(params(
+        n_blocks=3, b1_c1=16, b1_c2=24, t1_c=16, b2_c1=24, b2_c2=32, b2_pool=False, t2=True, t2_c=16,
+        b3_convs=2, b3_padding=0, b3_c1=16, b3_c2=16, b3_pool=False))
+    assert 19_900 <= count_params(spec) < 20_000, count_params(spec)
+
+
+def test_widths_come_in_steps_of_eight():
+    with pytest.raises(UserWarning, match="out of the range"):
+        on_grid(params(b1_c1=12, b1_c2=16, b2_c1=16, b2_c2=16))
 
 
 def test_training_choices_come_from_the_trial():
