@@ -355,7 +355,7 @@ def best(
         table.add_row(rule["rule"], rule["figure"], "[green]PASS[/]" if rule["pass"] else "[red]FAIL[/]")
     console.print(table)
     per_seed = ", ".join(f"seed {r['seed']}: {r['final_test_acc']:.2%}" for r in result["seeds"])
-    console.print(f"final-epoch test accuracy {per_seed}; {result['seeds_reaching_target']} of {seeds} seeds reached "
+    console.print(f"final-epoch test accuracy {per_seed}; {result['seeds_reaching_target']} of {seeds} seed{'s' if seeds > 1 else ''} reached "
                   f"{result['target']:.2%}", highlight=False)
     console.print(f"written: {Path(results_dir) / study / 'best.json'} and one checkpoint per seed", highlight=False)
     if not result["certified"]:

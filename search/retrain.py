@@ -132,7 +132,7 @@ def certify(study: optuna.Study, trial: FrozenTrial, *, seeds: int = 3, data_dir
         {"rule": "no Linear layer", "figure": "none found" if linear_free else "; ".join(module_verdict.reasons),
          "pass": linear_free},
         {"rule": f"at most {MAX_EPOCHS} epochs", "figure": str(cfg.epochs), "pass": cfg.epochs <= MAX_EPOCHS},
-        {"rule": f"final-epoch test accuracy at least {target:.2%} (mean of {seeds} seeds)",
+        {"rule": f"final-epoch test accuracy at least {target:.2%} (mean of {seeds} seed{'s' if seeds > 1 else ''})",
          "figure": f"{mean:.2%} +- {std:.2%}", "pass": mean >= target},
     ]
     result = {

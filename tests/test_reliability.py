@@ -96,7 +96,8 @@ def test_sigterm_closes_the_trial_exits_143_and_the_same_command_completes(tmp_p
 
 
 def test_after_sigkill_the_next_run_fails_the_dead_trial_and_retries_it(tmp_path, data_root):
-    args, proc = start_search(tmp_path, data_root, "kill")
+    # Five: the retry of trial 0 is queued behind the four presets still waiting.
+    args, proc = start_search(tmp_path, data_root, "kill", trials=5)
     wait_for_training(proc, 0)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
@@ -110,7 +111,7 @@ def test_after_sigkill_the_next_run_fails_the_dead_trial_and_retries_it(tmp_path
     assert trials[0].state == TrialState.FAIL
     retry = [t for t in trials if t.user_attrs.get("retry_of") == 0]
     assert len(retry) == 1 and retry[0].params == trials[0].params
-    assert count_trained(study) == 3 and not [t for t in trials if t.state == TrialState.RUNNING]
+    assert count_trained(study) == 5 and not [t for t in trials if t.state == TrialState.RUNNING]
 
 
 # ---- bad input: refused before any training, exit 2, nothing written ----------------------------

@@ -68,8 +68,9 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, data_root):
     assert killed.state == TrialState.RUNNING and killed.user_attrs["outcome"] == "training"
     time.sleep(5)  # past the grace period
 
-    # The retry is queued behind the two presets still waiting (small, tiny): three trained trials reach it.
-    second = worker(study_name, 3, tmp_path, data_root, "--epochs", "3", env=env)
+    # The retry is queued behind the four presets still waiting (small, tiny, compact, threeblock): five trained
+    # trials reach it.
+    second = worker(study_name, 5, tmp_path, data_root, "--epochs", "3", env=env)
     out = second.communicate(timeout=600)[0]
     assert second.returncode == 0, out
     study = load_existing_study(study_name, PG)
@@ -78,6 +79,6 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, data_root):
     retries = [t for t in trials if t.user_attrs.get("retry_of") == 0]
     assert len(retries) == 1
     assert retries[0].params == killed.params and retries[0].user_attrs["outcome"] in ("completed", "pruned")
-    assert count_trained(study) == 3
+    assert count_trained(study) == 5
     frame_reason = trial_frame(study).set_index("number").loc[0, "reason"]
     assert "its worker stopped" in frame_reason and f"queued again as trial {retries[0].number}" in frame_reason
