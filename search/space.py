@@ -28,6 +28,11 @@ LABEL_SMOOTHING = (0.0, 0.15)
 AUGMENT = (0.0, 1.5)
 
 
+def _width(trial: optuna.trial.BaseTrial, name: str) -> int:
+    low, high, step = CHANNELS
+    return trial.suggest_int(name, low, high, step=step)
+
+
 def suggest(trial: optuna.trial.BaseTrial, epochs: int = 20, seed: int = 0) -> tuple[NetSpec, TrainConfig]:
     n_blocks = trial.suggest_int("n_blocks", 1, MAX_BLOCKS)
     batchnorm = trial.suggest_categorical("batchnorm", [True, False])
@@ -36,11 +41,11 @@ def suggest(trial: optuna.trial.BaseTrial, epochs: int = 20, seed: int = 0) -> t
     for i in range(1, n_blocks + 1):
         n_convs = trial.suggest_int(f"b{i}_convs", 1, 3)
         padding = trial.suggest_int(f"b{i}_padding", 0, 1)
-        convs = tuple(Conv(trial.suggest_int(f"b{i}_c{j}", CHANNELS[0], CHANNELS[1], step=CHANNELS[2]), 3, padding) for j in range(1, n_convs + 1))
+        convs = tuple(Conv(_width(trial, f"b{i}_c{j}"), 3, padding) for j in range(1, n_convs + 1))
         pool = trial.suggest_categorical(f"b{i}_pool", [True, False])
         blocks.append(ConvBlock(convs, batchnorm, dropout, pool))
         if i < n_blocks and trial.suggest_categorical(f"t{i}", [True, False]):
-            blocks.append(Transition(trial.suggest_int(f"t{i}_c", CHANNELS[0], CHANNELS[1], step=CHANNELS[2]), batchnorm, False))
+            blocks.append(Transition(_width(trial, f"t{i}_c"), batchnorm, False))
     head = Head(trial.suggest_categorical("head", ["conv_gap", "gap_conv"]))
 
     optimizer = trial.suggest_categorical("optimizer", ["sgd", "adamw"])

@@ -212,7 +212,7 @@ def pareto_should_prune(trials: list[FrozenTrial], number: int, n_params: int, e
     if not rivals:
         return False
     keep = max(1, (len(rivals) + 1) // RUNG_FACTOR)  # how many of rivals-plus-this-trial go on
-    return val_acc < rivals[keep - 1] if keep <= len(rivals) else False
+    return val_acc < rivals[keep - 1]
 
 
 def open_study(opts: SearchOptions) -> optuna.Study:
