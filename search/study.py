@@ -71,7 +71,7 @@ class SearchOptions:
     max_params: int = 20_000
     objective: str = "accuracy"
     sampler: str = "tpe"
-    pruner: str = "sha"  # measured: hyperband's gentler brackets made a 50-trial CPU search take ~2.5 h
+    pruner: str = "sha"  # with hyperband (and a wider space) a 50-trial 2-core search was on course for ~2.5 h
     seed: int = 0
     device: str = "auto"
     jobs: int = 1
