@@ -203,8 +203,8 @@ def pareto_should_prune(trials: list[FrozenTrial], number: int, n_params: int, e
     """Successive halving for the accuracy/size front (Optuna's pruners handle single objectives only).
 
     At each rung a trial competes only with the trials that could dominate it: those with no more parameters that
-    reached the same epoch. It goes on if it is in their top third (the best, while there are fewer than three), so a
-    small net is never pruned for being less accurate than bigger ones.
+    reached the same epoch. It goes on if it is in the top third of them and itself (the best, while there are fewer
+    than five rivals), so a small net is never pruned for being less accurate than bigger ones.
     """
     rivals = sorted((t.user_attrs["history"][epoch - 1]["val_acc"] for t in trials
                      if t.number != number and t.user_attrs.get("n_params", math.inf) <= n_params
@@ -422,6 +422,7 @@ def _injected_fault(trial: optuna.Trial) -> str | None:
 def make_objective(ctx: TrialContext) -> Callable[[optuna.Trial], float | tuple[float, float]]:
     opts = ctx.opts
     pareto = opts.objective == "pareto"
+    pareto_rungs = set(rungs(opts.epochs)) if pareto and opts.pruner != "none" else set()
 
     def objective(trial: optuna.Trial):
         try:
@@ -507,7 +508,7 @@ def make_objective(ctx: TrialContext) -> Callable[[optuna.Trial], float | tuple[
             history_so_far.append(asdict(record))
             trial.set_user_attr("history", history_so_far)  # stored per epoch: a killed trial keeps its curve
             if pareto:
-                if opts.pruner == "none" or record.epoch not in rungs(opts.epochs):
+                if record.epoch not in pareto_rungs:
                     return False
                 states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
                 return pareto_should_prune(study.get_trials(deepcopy=False, states=states), trial.number,
