@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from models.spec import ConvBlock, NetSpec
+
+
+class Dropout(nn.Dropout):
+    """Element-wise dropout; on the CPU its mask takes 16 random bits per element, four from each 64-bit draw.
+
+    nn.Dropout's CPU mask (`bernoulli_`) draws one random number per element: on the 2-core CPU it took 27% of a
+    baseline training step (6.4 ms of ~25 ms at batch 64, torch.profiler). The drop probability is then quantised
+    to 1/65,536. On CUDA, in eval mode and in the cases below it is nn.Dropout itself; the state dict is the same.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+        if not self.training or x.device.type != "cpu" or self.inplace or not dense or not 0 < self.p < 1:
+            return super().forward(x)
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
+        uniform16 = bits.view(torch.int16)[:n].as_strided(x.shape, x.stride())  # laid out like x
+        keep = uniform16 >= round(self.p * 65536) - 32768  # P(drop) = p, to 1/65,536
+        return x * keep.to(x.dtype) * (1 / (1 - self.p))
 
 
 class ConvBNReLU(nn.Sequential):
@@ -48,7 +68,7 @@ def build(spec: NetSpec) -> nn.Sequential:
                 layers.append(ConvBNReLU(channels, conv.out_channels, conv.kernel, conv.padding, block.batchnorm))
                 channels = conv.out_channels
             if block.dropout > 0:
-                layers.append(nn.Dropout(block.dropout))  # element-wise, as in the hand-made answers
+                layers.append(Dropout(block.dropout))  # element-wise, as in the hand-made answers
         else:
             layers.append(Transition(channels, block.out_channels, block.batchnorm))
             channels = block.out_channels
