@@ -40,7 +40,7 @@ def test_a_faulty_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path, da
     assert trials[0].user_attrs["outcome"] == "failed"
     assert trials[0].user_attrs["reason"].startswith(reason)
     assert result.trained == 3  # the failure counts as trained (it spent training), and the study went on
-    assert [t.user_attrs["outcome"] for t in trials[1:3]] == ["completed", "completed"]
+    assert all(t.user_attrs["outcome"] in ("completed", "pruned") for t in trials[1:3])  # trained normally
     assert pick_winner(result.study).number != 0  # a failed trial is never the best
 
 

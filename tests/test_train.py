@@ -6,7 +6,7 @@ import torch
 
 from models.build import build
 from models.presets import PRESETS
-from search.train import MAX_EPOCHS, TrainConfig, augment_batch, fit
+from search.train import MAX_EPOCHS, TrainConfig, augment_batch, cpu_has_native_bf16, fit, use_bf16
 
 
 def metrics(history):
@@ -74,3 +74,34 @@ def test_config_round_trips():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown field"):
         TrainConfig.from_dict({**cfg.to_dict(), "momentum": 0.9})
+
+
+def test_whole_step_trains_like_the_ordinary_loop(mnist):
+    """The step that CUDA captures as one graph, run eagerly: same weights as torch's SGD + OneCycle loop."""
+    cfg = TrainConfig(epochs=2, batch_size=64, seed=3)  # 4 steps per epoch, augmentation and dropout on
+    models, histories = [], []
+    for whole_step in (False, True):
+        model = build(PRESETS["tiny"])
+        histories.append(fit(model, mnist.train.head(256), mnist.val.head(200), cfg, device="cpu", progress=False,
+                             precision="fp32", whole_step=whole_step))
+        models.append(model)
+    ordinary, whole = (m.state_dict() for m in models)
+    for name, value in ordinary.items():
+        assert torch.allclose(value.float(), whole[name].float(), atol=1e-4), name
+    assert [e.lr for e in histories[0].epochs] == pytest.approx([e.lr for e in histories[1].epochs])
+    assert [e.train_loss for e in histories[0].epochs] == pytest.approx([e.train_loss for e in histories[1].epochs],
+                                                                        rel=1e-4)
+
+
+def test_whole_step_refuses_adamw(mnist):
+    with pytest.raises(ValueError, match="optimizer='adamw': the whole-step path does SGD only"):
+        fit(build(PRESETS["tiny"]), mnist.train.head(128), mnist.val.head(64), TrainConfig(epochs=1, optimizer="adamw"),
+            device="cpu", progress=False, whole_step=True)
+
+
+def test_precision_is_checked_and_fp32_is_float32(mnist):
+    with pytest.raises(ValueError, match=r"precision='fp16': must be one of \('auto', 'bf16', 'fp32'\)"):
+        fit(build(PRESETS["tiny"]), mnist.train.head(128), mnist.val.head(64), TrainConfig(epochs=1),
+            device="cpu", progress=False, precision="fp16")
+    assert not use_bf16(torch.device("cpu"), "fp32") and use_bf16(torch.device("cpu"), "bf16")
+    assert use_bf16(torch.device("cpu")) == cpu_has_native_bf16()
