@@ -1,11 +1,12 @@
 """Training throughput: the usual DataLoader loop against budgetnas's engine, on the same model, in one run.
 
-    python benchmarks/train_throughput.py [--presets baseline,small] [--images 12800] [--repeats 3]
+    python benchmarks/train_throughput.py [--presets baseline,small,compact] [--images 12800] [--repeats 3]
 
 (a) the usual loop: torchvision's MNIST dataset, a DataLoader, RandomRotation(+-7 deg), ToTensor, Normalize,
-    batch 32, SGD with Nesterov momentum;
+    batch 32, SGD with Nesterov momentum, float32, torch's own nn.Dropout; in a fresh process of its own, so that it
+    runs with malloc as it comes (the engine tunes it: search/train.py, tune_cpu_allocator);
 (b) the engine: the whole training split as a tensor on the device, batches by index, batched random affine
-    augmentation, its default batch size (search/train.py).
+    augmentation, its default batch size and precision (search/train.py), budgetnas's Dropout (models/build.py).
 Prints images per second (median of the repeats), the ratio (b)/(a), and the engine's achieved GFLOP/s
 (3 x 2 x forward MACs per image: forward plus a backward of about twice its cost) next to this machine's measured
 float32 matmul peak. Target on a 2-core CPU: the engine at least 3x the usual loop. On CUDA, also seconds/epoch.
@@ -13,6 +14,7 @@ float32 matmul peak. Target on a 2-core CPU: the engine at least 3x the usual lo
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ from models.budget import analyze  # noqa: E402
 from models.build import build  # noqa: E402
 from models.presets import PRESETS  # noqa: E402
 from search.data import MEAN, STD, load_mnist, resolve_root  # noqa: E402
-from search.train import TrainConfig, fit, resolve_device  # noqa: E402
+from search.train import TrainConfig, fit, resolve_device, use_bf16  # noqa: E402
 
 
 def usual_loop(spec, root, n_images: int, device) -> float:
@@ -35,7 +37,11 @@ def usual_loop(spec, root, n_images: int, device) -> float:
     tf = transforms.Compose([transforms.RandomRotation(7), transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
     loader = torch.utils.data.DataLoader(datasets.MNIST(str(root), train=True, transform=tf), batch_size=32,
                                          shuffle=True)
-    model = build(spec).to(device)
+    model = build(spec)
+    for i, layer in enumerate(model):
+        if isinstance(layer, nn.Dropout):
+            model[i] = nn.Dropout(layer.p)  # torch's own
+    model = model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
@@ -55,18 +61,27 @@ def usual_loop(spec, root, n_images: int, device) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def usual_loop_fresh(name: str, data_dir, n_images: int, device) -> float:
+    """The usual loop in a new Python process (allocator and thread pool as a user's own script would have them)."""
+    cmd = [sys.executable, __file__, "--usual-loop-only", name, "--images", str(n_images), "--device", str(device)]
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.split()[-1])
+
+
 def engine(spec, mnist, n_images: int, device, compile_model: bool = False, cuda_graphs: bool = True,
-           batch_size: int = TrainConfig.batch_size) -> tuple[float, float]:
+           batch_size: int = TrainConfig.batch_size, precision: str = "auto") -> tuple[float, float]:
     """Images per second of the second epoch, and the first epoch's extra seconds (compile time, warm-up)."""
     history = fit(build(spec), mnist.train.head(n_images), mnist.val.head(1000),
                   TrainConfig(epochs=2, batch_size=batch_size), device=device, progress=False,
-                  compile_model=compile_model, cuda_graphs=cuda_graphs)
+                  compile_model=compile_model, cuda_graphs=cuda_graphs, precision=precision)
     first, last = history.epochs  # the second epoch: allocator, kernel choices and compiled graphs warmed up
     return last.images_per_s, first.seconds - last.seconds
 
 
-def matmul_peak(device, n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(device, n: int = 2048, repeats: int = 10, dtype=torch.float32) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     times = []
@@ -83,29 +98,41 @@ def matmul_peak(device, n: int = 2048, repeats: int = 10) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--presets", default="baseline,small")
+    parser.add_argument("--presets", default="baseline,small,compact")
     parser.add_argument("--images", type=int, default=12_800, help="training images per measurement")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--compile", action="store_true", help="also measure the engine under torch.compile")
+    parser.add_argument("--usual-loop-only", metavar="PRESET", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     device = resolve_device(args.device)
-    mnist = load_mnist(args.data_dir)
     root = resolve_root(args.data_dir)
-    peak = matmul_peak(device)
-    print(f"device {device}, {torch.get_num_threads()} threads; float32 matmul peak {peak:,.0f} GFLOP/s")
+    if args.usual_loop_only:
+        print(usual_loop(PRESETS[args.usual_loop_only], root, args.images, device))
+        return
+    mnist = load_mnist(args.data_dir)
+    bf16 = use_bf16(device)
+    peak = matmul_peak(device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    fp32_peak = matmul_peak(device) if bf16 else peak
+    print(f"device {device}, {torch.get_num_threads()} threads; matmul peak float32 {fp32_peak:,.0f} GFLOP/s"
+          + (f", bfloat16 {peak:,.0f} GFLOP/s (the engine autocasts to bfloat16 here)" if bf16 else ""))
     for name in args.presets.split(","):
         spec = PRESETS[name]
         macs = analyze(spec).macs
-        loop = [usual_loop(spec, root, args.images // 4, device) for _ in range(args.repeats)]
-        eng = [engine(spec, mnist, args.images, device) for _ in range(args.repeats)]
-        loop_ips = statistics.median(loop)
-        eng_ips = statistics.median(e[0] for e in eng)
+        loop, eng, eng32 = [], [], []
+        for _ in range(args.repeats):  # interleaved, so that a noisy neighbour hits all three alike
+            loop.append(usual_loop_fresh(name, args.data_dir, args.images // 4, device))
+            eng.append(engine(spec, mnist, args.images, device)[0])
+            if bf16 and device.type == "cpu":
+                eng32.append(engine(spec, mnist, args.images, device, precision="fp32")[0])
+        loop_ips, eng_ips = statistics.median(loop), statistics.median(eng)
         gflops = eng_ips * 6 * macs / 1e9
         line = (f"{name} ({analyze(spec).n_params:,} params, {macs / 1e6:.2f} M MACs/img): usual loop "
                 f"{loop_ips:,.0f} img/s, engine {eng_ips:,.0f} img/s, ratio {eng_ips / loop_ips:.1f}x; engine "
-                f"{gflops:.1f} GFLOP/s = {gflops / peak:.0%} of the matmul peak")
+                f"{gflops:.1f} GFLOP/s = {gflops / peak:.0%} of the {'bfloat16' if bf16 else 'float32'} matmul peak")
+        if eng32:
+            line += f"; engine in float32 {statistics.median(eng32):,.0f} img/s ({statistics.median(eng32) / loop_ips:.1f}x)"
         if args.compile:
             comp = engine(spec, mnist, args.images, device, compile_model=True)
             gain = 1 / eng_ips - 1 / comp[0]  # seconds saved per image
