@@ -535,6 +535,7 @@ def make_objective(ctx: TrialContext) -> Callable[[optuna.Trial], float | tuple[
             raise TrialFailed(reason) from exc
         trial.set_user_attr("wall_s", time.perf_counter() - start)
         trial.set_user_attr("device", history.device)
+        trial.set_user_attr("precision", history.precision)
         trial.set_user_attr("epochs_trained", len(history.epochs))  # the history itself was stored per epoch
         if history.status == "nan":
             trial.set_user_attr("outcome", "failed")
@@ -606,7 +607,8 @@ def trial_frame(study: optuna.Study):
                "val_acc": t.values[0] if t.values else (t.intermediate_values[max(t.intermediate_values)]
                                                         if t.intermediate_values else None),
                "epochs_trained": attrs.get("epochs_trained", len(attrs.get("history", []))),
-               "wall_s": attrs.get("wall_s"), "device": attrs.get("device"), "preset": attrs.get("preset", ""),
+               "wall_s": attrs.get("wall_s"), "device": attrs.get("device"), "precision": attrs.get("precision", ""),
+               "preset": attrs.get("preset", ""),
                "duplicate_of": attrs.get("duplicate_of"),
                "datetime_start": t.datetime_start, "datetime_complete": t.datetime_complete,
                "spec": attrs.get("spec", ""), "repaired_from": attrs.get("repaired_from", ""),

@@ -97,6 +97,7 @@ class History:
     status: str = "running"  # "completed", "stopped" (by on_epoch), "nan"
     device: str = "cpu"
     n_params: int = 0
+    precision: str = "fp32"  # "bf16" (autocast) or "fp32"
 
     @property
     def final_val_acc(self) -> float:
@@ -107,12 +108,13 @@ class History:
         return max((e.val_acc for e in self.epochs), default=float("nan"))
 
     def to_dict(self) -> dict:
-        return {"status": self.status, "device": self.device, "n_params": self.n_params,
+        return {"status": self.status, "device": self.device, "n_params": self.n_params, "precision": self.precision,
                 "epochs": [asdict(e) for e in self.epochs]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "History":
-        return cls([EpochRecord(**e) for e in data["epochs"]], data["status"], data["device"], data["n_params"])
+        return cls([EpochRecord(**e) for e in data["epochs"]], data["status"], data["device"], data["n_params"],
+                   data.get("precision", "unrecorded"))
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -358,7 +360,8 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
         step_model = torch.compile(model) if compile_model else step_model
         opt = make_optimizer(model, cfg)
         sched = make_scheduler(opt, cfg, steps_per_epoch)
-    history = History(device=str(device), n_params=sum(p.numel() for p in model.parameters()))
+    history = History(device=str(device), n_params=sum(p.numel() for p in model.parameters()),
+                      precision="bf16" if bf16 else "fp32")
     # Images per evaluation batch. On the CPU 500 keeps a baseline's activations under the allocator's 32 MiB
     # threshold (see tune_cpu_allocator): 10,000 images took 0.40 s at 500 and 0.80 s at 2,000.
     eval_batch = 2000 if device.type == "cuda" else 500

@@ -105,3 +105,7 @@ def test_precision_is_checked_and_fp32_is_float32(mnist):
             device="cpu", progress=False, precision="fp16")
     assert not use_bf16(torch.device("cpu"), "fp32") and use_bf16(torch.device("cpu"), "bf16")
     assert use_bf16(torch.device("cpu")) == cpu_has_native_bf16()
+    for precision in ("fp32", "bf16"):
+        history = fit(build(PRESETS["tiny"]), mnist.train.head(128), mnist.val.head(64), TrainConfig(epochs=1),
+                      device="cpu", progress=False, precision=precision)
+        assert history.precision == precision and history.to_dict()["precision"] == precision
