@@ -27,11 +27,12 @@ def schedule(cfg, steps_per_epoch: int) -> tuple[list[float], list[float]]:
     dummy = torch.zeros(1, requires_grad=True)
     opt = torch.optim.SGD([dummy], lr=cfg.lr, momentum=0.9, nesterov=True)
     sched = make_scheduler(opt, cfg, steps_per_epoch)
+    opt.step()  # no gradient, so a no-op; once, so that the scheduler does not warn of the call order
+    group = opt.param_groups[0]
     lrs, moms = [], []
-    for _ in range(cfg.epochs * steps_per_epoch):
-        lrs.append(opt.param_groups[0]["lr"])
-        moms.append(opt.param_groups[0]["momentum"])
-        opt.step()  # no gradient: a no-op, but keeps the scheduler from warning about the call order
+    for _ in range(cfg.epochs * steps_per_epoch):  # 20 OneCycle epochs of 781 steps: 0.05 s (1.5 s with opt.step)
+        lrs.append(group["lr"])
+        moms.append(group["momentum"])
         sched.step()
     lrs.append(opt.param_groups[0]["lr"])  # after the last step, as the ordinary loop reports it
     return lrs, moms
@@ -104,28 +105,30 @@ class WholeStep:
         state = {k: v.clone() for k, v in self.model.state_dict().items()}
         rng = torch.cuda.get_rng_state(self.x_train.device)
         quiet_stream_mismatch()
-        side = torch.cuda.Stream(self.x_train.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                for p in self.params:
-                    p.grad = None
-                for t in (self.epoch_step, self.global_step):
-                    t.zero_()
+        try:
+            side = torch.cuda.Stream(self.x_train.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._reset_step()
+                    self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self._reset_step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other trials' threads may use the GPU
                 self._step()
-        torch.cuda.current_stream().wait_stream(side)
+            return graph
+        finally:  # also when the capture fails and the trial goes on eagerly
+            self.model.load_state_dict(state)  # copies in place: the graph keeps pointing at the same tensors
+            for t in (*self.bufs, self.global_step):
+                t.zero_()
+            torch.cuda.set_rng_state(rng, self.x_train.device)
+
+    def _reset_step(self) -> None:
         for p in self.params:
             p.grad = None
         for t in (self.epoch_step, self.global_step):
             t.zero_()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other trials' threads may use the GPU
-            self._step()
-        self.model.load_state_dict(state)  # copies in place: the graph keeps pointing at the same tensors
-        for t in (*self.bufs, self.global_step):
-            t.zero_()
-        torch.cuda.set_rng_state(rng, self.x_train.device)
-        return graph
 
     def start_epoch(self, order: torch.Tensor, thetas: torch.Tensor | None) -> None:
         self.order.copy_(order)
