@@ -30,7 +30,7 @@ def schedule(cfg, steps_per_epoch: int) -> tuple[list[float], list[float]]:
     opt.step()  # no gradient, so a no-op; once, so that the scheduler does not warn of the call order
     group = opt.param_groups[0]
     lrs, moms = [], []
-    for _ in range(cfg.epochs * steps_per_epoch):  # 20 OneCycle epochs of 781 steps: 0.05 s (1.5 s with opt.step)
+    for _ in range(cfg.epochs * steps_per_epoch):  # 20 OneCycle epochs of 781 steps: 0.05 s (0.24 s with opt.step)
         lrs.append(group["lr"])
         moms.append(group["momentum"])
         sched.step()
