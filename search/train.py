@@ -8,6 +8,7 @@ A NaN or infinite loss ends training with status "nan" rather than an exception.
 from __future__ import annotations
 
 import ctypes
+import functools
 import inspect
 import math
 import os
@@ -200,6 +201,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 dot products in hardware (AVX512-BF16 or AMX), from /proc/cpuinfo."""
     try:
@@ -213,8 +215,8 @@ def cpu_has_native_bf16() -> bool:
 def use_bf16(device: torch.device, precision: str = "auto") -> bool:
     """bfloat16 autocast: on CUDA always for "auto"; on the CPU where the hardware computes it natively.
 
-    Measured on the 2-core CPU (AVX512-BF16, no AMX), batch 64, allocator tuned: baseline 3,300 -> 4,250 img/s,
-    compact 5,300 -> 5,700 img/s (convs in bfloat16 run about 1.6x faster; the rest is memory traffic halved).
+    Measured on the 2-core CPU (AVX512-BF16, no AMX), batch 64, medians of 3 interleaved: baseline 3,363 -> 4,133
+    img/s, compact 5,082 -> 5,149 (the baseline's convs ran about 1.5x faster in bfloat16, torch.profiler).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: must be one of {PRECISIONS}")
@@ -233,10 +235,13 @@ def autocast(device: torch.device, bf16: bool | None = None):
 def tune_cpu_allocator() -> None:
     """Keep freed activation memory in the process instead of handing it back to the kernel (glibc malloc).
 
-    glibc serves blocks over its mmap threshold with fresh pages and returns them on free, so every step paid a
-    page fault per 4 KiB of activations: 2,600-4,400 faults per baseline step at batch 64 on the 2-core CPU, and
-    3,300 img/s instead of 2,400 once they were gone (resource.getrusage, same process, interleaved). Raising the
-    mmap threshold to its 32 MiB maximum and the trim threshold to 1 GiB keeps those blocks for reuse.
+    glibc serves blocks over its mmap threshold with fresh pages and trims freed memory back to the kernel, so the
+    engine paid a page fault per 4 KiB it touched again. Measured on the 2-core CPU (resource.getrusage, separate
+    processes, baseline, batch 64, bfloat16): in a process's first epoch 4,400-5,900 faults per step and
+    3,000-3,400 img/s with glibc's defaults against ~300 and ~4,550 img/s tuned; later epochs train alike (glibc
+    raises its own threshold once blocks are freed), but evaluating 10,000 images at batch 500 took 0.73-0.82 s
+    against 0.39-0.41 s tuned. Raising the mmap threshold to its 32 MiB maximum and the trim threshold to 1 GiB
+    keeps those blocks for reuse.
     Set BUDGETNAS_MALLOC=default to leave malloc as it is. Once per process; a no-op away from glibc.
     """
     global _ALLOCATOR_TUNED
@@ -254,7 +259,7 @@ def tune_cpu_allocator() -> None:
 
 
 _ALLOCATOR_TUNED = False
-_CAPTURE_LOCK = threading.Lock()  # one capture at a time in this process
+CAPTURE_LOCK = threading.Lock()  # one capture at a time in this process
 
 
 def quiet_stream_mismatch() -> None:
@@ -278,7 +283,7 @@ def _graph_model(model: nn.Module, example: torch.Tensor, bf16: bool) -> nn.Modu
         extra["capture_error_mode"] = "thread_local"  # other trials' threads may use the GPU meanwhile
     quiet_stream_mismatch()
     try:
-        with _CAPTURE_LOCK, autocast(example.device, bf16):
+        with CAPTURE_LOCK, autocast(example.device, bf16):
             return torch.cuda.make_graphed_callables(model, (example,), **extra)
     finally:
         model.load_state_dict(state)
@@ -344,9 +349,8 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
         if whole_step:
             from search.whole_step import WholeStep
 
-            with _CAPTURE_LOCK:
-                stepper = WholeStep(model, x_train, y_train, cfg, criterion, channels_last, steps_per_epoch,
-                                    capture=graphs, bf16=bf16)
+            stepper = WholeStep(model, x_train, y_train, cfg, criterion, channels_last, steps_per_epoch,
+                                capture=graphs, bf16=bf16)
         elif graphs:
             example = x_train[:cfg.batch_size].contiguous(memory_format=torch.channels_last if channels_last
                                                            else torch.contiguous_format)
@@ -362,8 +366,8 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
         sched = make_scheduler(opt, cfg, steps_per_epoch)
     history = History(device=str(device), n_params=sum(p.numel() for p in model.parameters()),
                       precision="bf16" if bf16 else "fp32")
-    # Images per evaluation batch. On the CPU 500 keeps a baseline's activations under the allocator's 32 MiB
-    # threshold (see tune_cpu_allocator): 10,000 images took 0.40 s at 500 and 0.80 s at 2,000.
+    # Images per evaluation batch. On the CPU 500 keeps a baseline's bfloat16 activations under the allocator's
+    # 32 MiB threshold (see tune_cpu_allocator): 10,000 images took 0.39-0.41 s at 500 and 0.78-0.90 s at 2,000.
     eval_batch = 2000 if device.type == "cuda" else 500
 
     show = sys.stderr.isatty() if progress is None else progress
@@ -393,8 +397,7 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
             if not math.isfinite(train_loss):
                 history.status = "nan"
                 return history
-            val_loss, val_acc = evaluate(model if stepper is not None else step_model, x_val, y_val, eval_batch,
-                                         channels_last=channels_last, bf16=bf16)
+            val_loss, val_acc = evaluate(step_model, x_val, y_val, eval_batch, channels_last=channels_last, bf16=bf16)
             lr = stepper.lr if stepper is not None else opt.param_groups[0]["lr"]
             record = EpochRecord(epoch, train_loss, correct.item() / seen, val_loss, val_acc, lr,
                                  time.perf_counter() - start, seen / train_seconds)
@@ -411,6 +414,20 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
             bar.close()
 
 
+def batch_loss(model: nn.Module, criterion: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
+               idx: torch.Tensor, thetas: torch.Tensor | None, channels_last: bool, bf16: bool):
+    """Gather a batch by index, warp it by its affine matrices, run the model: (logits, loss, labels)."""
+    xb, yb = x_train[idx], y_train[idx]
+    if thetas is not None:
+        xb = apply_affine(xb, thetas)
+    if channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    with autocast(xb.device, bf16):
+        logits = model(xb)
+        loss = criterion(logits.float(), yb)
+    return logits, loss, yb
+
+
 def _train_epoch(step_model, opt, sched, criterion, x_train, y_train, order, thetas, batch_size: int,
                  steps: int, channels_last: bool, bf16: bool, advance) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One epoch of ordinary steps; returns the summed loss, the number correct and the number of images seen."""
@@ -418,15 +435,9 @@ def _train_epoch(step_model, opt, sched, criterion, x_train, y_train, order, the
     correct = torch.zeros((), device=x_train.device, dtype=torch.long)
     seen = 0
     for step in range(steps):
-        idx = order[step * batch_size:(step + 1) * batch_size]
-        xb, yb = x_train[idx], y_train[idx]
-        if thetas is not None:
-            xb = apply_affine(xb, thetas[step * batch_size:(step + 1) * batch_size])
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with autocast(x_train.device, bf16):
-            logits = step_model(xb)
-            loss = criterion(logits.float(), yb)
+        batch = slice(step * batch_size, (step + 1) * batch_size)
+        logits, loss, yb = batch_loss(step_model, criterion, x_train, y_train, order[batch],
+                                      None if thetas is None else thetas[batch], channels_last, bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from search.train import apply_affine, autocast, make_optimizer, make_scheduler, quiet_stream_mismatch
+from search.train import CAPTURE_LOCK, batch_loss, make_optimizer, make_scheduler, quiet_stream_mismatch
 
 
 def schedule(cfg, steps_per_epoch: int) -> tuple[list[float], list[float]]:
@@ -71,15 +71,8 @@ class WholeStep:
     def _step(self) -> None:
         cfg = self.cfg
         pos = self.epoch_step * cfg.batch_size + self.offsets
-        idx = self.order[pos]
-        xb, yb = self.x_train[idx], self.y_train[idx]
-        if cfg.augment > 0:
-            xb = apply_affine(xb, self.thetas[pos])
-        if self.channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with autocast(xb.device, self.bf16):
-            logits = self.model(xb)
-            loss = self.criterion(logits.float(), yb)
+        logits, loss, yb = batch_loss(self.model, self.criterion, self.x_train, self.y_train, self.order[pos],
+                                      self.thetas[pos] if cfg.augment > 0 else None, self.channels_last, self.bf16)
         loss.backward()
         with torch.no_grad():
             at = self.global_step.view(1)  # index_select, not [], which would read the step back to the host
@@ -101,22 +94,26 @@ class WholeStep:
         torch._foreach_sub_(self.params, grads)
 
     def _capture(self) -> torch.cuda.CUDAGraph:
-        """Warm up on a side stream (cuDNN picks its kernels), capture one step, then put back what warm-up changed."""
+        """Warm up on a side stream (cuDNN picks its kernels), capture one step, then put back what warm-up changed.
+
+        One capture at a time in the process; "thread_local" lets other trials' threads use the GPU meanwhile.
+        """
         state = {k: v.clone() for k, v in self.model.state_dict().items()}
         rng = torch.cuda.get_rng_state(self.x_train.device)
         quiet_stream_mismatch()
         try:
-            side = torch.cuda.Stream(self.x_train.device)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self._reset_step()
+            with CAPTURE_LOCK:
+                side = torch.cuda.Stream(self.x_train.device)
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        self._reset_step()
+                        self._step()
+                torch.cuda.current_stream().wait_stream(side)
+                self._reset_step()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self._step()
-            torch.cuda.current_stream().wait_stream(side)
-            self._reset_step()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other trials' threads may use the GPU
-                self._step()
             return graph
         finally:  # also when the capture fails and the trial goes on eagerly
             self.model.load_state_dict(state)  # copies in place: the graph keeps pointing at the same tensors

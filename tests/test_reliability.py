@@ -34,13 +34,14 @@ def opts(tmp_path, data_root, **over):
 ])
 def test_a_faulty_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path, data_root, monkeypatch, fault, reason):
     monkeypatch.setenv(FAULT_ENV, f"{fault}@0")  # trial 0 is the first preset, the best-scoring candidate
-    result = run_search(opts(tmp_path, data_root), log=lambda line: None)
+    # No pruner: whether a healthy trial completes then does not hang on how its one epoch compares.
+    result = run_search(opts(tmp_path, data_root, pruner="none"), log=lambda line: None)
     trials = result.study.get_trials()
     assert trials[0].state == TrialState.FAIL
     assert trials[0].user_attrs["outcome"] == "failed"
     assert trials[0].user_attrs["reason"].startswith(reason)
     assert result.trained == 3  # the failure counts as trained (it spent training), and the study went on
-    assert all(t.user_attrs["outcome"] in ("completed", "pruned") for t in trials[1:3])  # trained normally
+    assert [t.user_attrs["outcome"] for t in trials[1:3]] == ["completed", "completed"]
     assert pick_winner(result.study).number != 0  # a failed trial is never the best
 
 
