@@ -1,15 +1,17 @@
 """Training throughput: the usual DataLoader loop against budgetnas's engine, on the same model, in one run.
 
-    python benchmarks/train_throughput.py [--presets baseline,small,compact] [--images 12800] [--repeats 3]
+    python benchmarks/train_throughput.py [--presets baseline,small,compact] [--images 12800] [--repeats 3] [--ablate]
 
 (a) the usual loop: torchvision's MNIST dataset, a DataLoader, RandomRotation(+-7 deg), ToTensor, Normalize,
     batch 32, SGD with Nesterov momentum, float32, torch's own nn.Dropout; in a fresh process of its own, so that it
     runs with malloc as it comes (the engine tunes it: search/train.py, tune_cpu_allocator);
 (b) the engine: the whole training split as a tensor on the device, batches by index, batched random affine
     augmentation, its default batch size and precision (search/train.py), budgetnas's Dropout (models/build.py).
-Prints images per second (median of the repeats), the ratio (b)/(a), and the engine's achieved GFLOP/s
+Prints images per second (median of the repeats, interleaved), the ratio (b)/(a), and the engine's achieved GFLOP/s
 (3 x 2 x forward MACs per image: forward plus a backward of about twice its cost) next to this machine's measured
-float32 matmul peak. Target on a 2-core CPU: the engine at least 3x the usual loop. On CUDA, also seconds/epoch.
+matmul peak in the engine's precision. On a CPU with native bfloat16 also the engine in float32; with --ablate also
+the engine with torch's nn.Dropout. Target on a 2-core CPU: the engine at least 3x the usual loop. On CUDA, also
+seconds per epoch, against the ordinary eager loop and at batch 128 and 256.
 """
 
 import argparse
@@ -31,17 +33,21 @@ from search.data import MEAN, STD, load_mnist, resolve_root  # noqa: E402
 from search.train import TrainConfig, fit, resolve_device, use_bf16  # noqa: E402
 
 
+def with_torch_dropout(model: nn.Sequential) -> nn.Sequential:
+    """The model with torch's own nn.Dropout in place of budgetnas's (models/build.py)."""
+    for i, layer in enumerate(model):
+        if isinstance(layer, nn.Dropout):
+            model[i] = nn.Dropout(layer.p)
+    return model
+
+
 def usual_loop(spec, root, n_images: int, device) -> float:
     from torchvision import datasets, transforms
 
     tf = transforms.Compose([transforms.RandomRotation(7), transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
     loader = torch.utils.data.DataLoader(datasets.MNIST(str(root), train=True, transform=tf), batch_size=32,
                                          shuffle=True)
-    model = build(spec)
-    for i, layer in enumerate(model):
-        if isinstance(layer, nn.Dropout):
-            model[i] = nn.Dropout(layer.p)  # torch's own
-    model = model.to(device)
+    model = with_torch_dropout(build(spec)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
@@ -72,9 +78,10 @@ def usual_loop_fresh(name: str, data_dir, n_images: int, device) -> float:
 
 def engine(spec, mnist, n_images: int, device, compile_model: bool = False, cuda_graphs: bool = True,
            batch_size: int = TrainConfig.batch_size, precision: str = "auto",
-           whole_step: bool | None = None) -> tuple[float, float]:
+           whole_step: bool | None = None, torch_dropout: bool = False) -> tuple[float, float]:
     """Images per second of the second epoch, and the first epoch's extra seconds (compile time, warm-up)."""
-    history = fit(build(spec), mnist.train.head(n_images), mnist.val.head(1000),
+    model = with_torch_dropout(build(spec)) if torch_dropout else build(spec)
+    history = fit(model, mnist.train.head(n_images), mnist.val.head(1000),
                   TrainConfig(epochs=2, batch_size=batch_size), device=device, progress=False,
                   compile_model=compile_model, cuda_graphs=cuda_graphs, precision=precision, whole_step=whole_step)
     first, last = history.epochs  # the second epoch: allocator, kernel choices and compiled graphs warmed up
@@ -105,6 +112,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--compile", action="store_true", help="also measure the engine under torch.compile")
+    parser.add_argument("--ablate", action="store_true", help="also the engine with torch's nn.Dropout")
     parser.add_argument("--usual-loop-only", metavar="PRESET", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -121,12 +129,14 @@ def main() -> None:
     for name in args.presets.split(","):
         spec = PRESETS[name]
         macs = analyze(spec).macs
-        loop, eng, eng32 = [], [], []
+        loop, eng, eng32, eng_torch_drop = [], [], [], []
         for _ in range(args.repeats):  # interleaved, so that a noisy neighbour hits all three alike
             loop.append(usual_loop_fresh(name, args.data_dir, args.images // 4, device))
             eng.append(engine(spec, mnist, args.images, device)[0])
             if bf16 and device.type == "cpu":
                 eng32.append(engine(spec, mnist, args.images, device, precision="fp32")[0])
+            if args.ablate:
+                eng_torch_drop.append(engine(spec, mnist, args.images, device, torch_dropout=True)[0])
         loop_ips, eng_ips = statistics.median(loop), statistics.median(eng)
         gflops = eng_ips * 6 * macs / 1e9
         line = (f"{name} ({analyze(spec).n_params:,} params, {macs / 1e6:.2f} M MACs/img): usual loop "
@@ -134,6 +144,8 @@ def main() -> None:
                 f"{gflops:.1f} GFLOP/s = {gflops / peak:.0%} of the {'bfloat16' if bf16 else 'float32'} matmul peak")
         if eng32:
             line += f"; engine in float32 {statistics.median(eng32):,.0f} img/s ({statistics.median(eng32) / loop_ips:.1f}x)"
+        if eng_torch_drop:
+            line += f"; engine with torch's nn.Dropout {statistics.median(eng_torch_drop):,.0f} img/s"
         if args.compile:
             comp = engine(spec, mnist, args.images, device, compile_model=True)
             gain = 1 / eng_ips - 1 / comp[0]  # seconds saved per image
