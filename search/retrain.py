@@ -120,7 +120,7 @@ def certify(study: optuna.Study, trial: FrozenTrial, *, seeds: int = 3, data_dir
                   "test_acc": e.val_acc, "lr": e.lr, "seconds": e.seconds} for e in history.epochs]
         final = curve[-1]["test_acc"] if curve and history.status == "completed" else float("nan")
         ckpt = save_checkpoint(out_dir / f"best_seed{seed}.pt", model, spec, seed_cfg, final)
-        runs.append({"seed": seed, "status": history.status, "precision": history.precision,
+        runs.append({"seed": seed, "status": history.status, "precision": history.precision, "shards": history.shards,
                      "final_test_acc": final, "epochs": curve,
                      "first_epoch_reaching_target": _first_epoch_reaching(curve, target), "checkpoint": str(ckpt)})
     finals = [r["final_test_acc"] for r in runs]

@@ -536,6 +536,7 @@ def make_objective(ctx: TrialContext) -> Callable[[optuna.Trial], float | tuple[
         trial.set_user_attr("wall_s", time.perf_counter() - start)
         trial.set_user_attr("device", history.device)
         trial.set_user_attr("precision", history.precision)
+        trial.set_user_attr("shards", history.shards)
         trial.set_user_attr("epochs_trained", len(history.epochs))  # the history itself was stored per epoch
         if history.status == "nan":
             trial.set_user_attr("outcome", "failed")
@@ -608,6 +609,7 @@ def trial_frame(study: optuna.Study):
                                                         if t.intermediate_values else None),
                "epochs_trained": attrs.get("epochs_trained", len(attrs.get("history", []))),
                "wall_s": attrs.get("wall_s"), "device": attrs.get("device"), "precision": attrs.get("precision", ""),
+               "shards": attrs.get("shards"),
                "preset": attrs.get("preset", ""),
                "duplicate_of": attrs.get("duplicate_of"),
                "datetime_start": t.datetime_start, "datetime_complete": t.datetime_complete,

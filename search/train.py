@@ -99,6 +99,7 @@ class History:
     device: str = "cpu"
     n_params: int = 0
     precision: str = "fp32"  # "bf16" (autocast) or "fp32"
+    shards: int = 1  # threads each CPU batch was split across; BatchNorm normalised each shard on its own
 
     @property
     def final_val_acc(self) -> float:
@@ -301,7 +302,8 @@ def _use_channels_last(device: torch.device) -> bool:
 def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConfig, *, device: str | torch.device = "auto",
         on_epoch: Callable[[EpochRecord], bool | None] | None = None, progress: bool | None = None,
         data_on_device: tuple | None = None, compile_model: bool = False,
-        cuda_graphs: bool = True, precision: str = "auto", whole_step: bool | None = None) -> History:
+        cuda_graphs: bool = True, precision: str = "auto", whole_step: bool | None = None,
+        shards: int | None = None) -> History:
     """Train `model` on `train`, evaluating on `val` after every epoch.
 
     `data_on_device`: the (x_train, y_train, x_val, y_val) tensors from `to_device`, to share one copy across trials.
@@ -310,6 +312,9 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
     (benchmarks/train_throughput.py measures whether it pays off).
     `whole_step`: SGD steps through search/whole_step.py (everything a step needs read from device tensors); by
     default with SGD, unless compiling. Its batches are all full: the last partial batch of an epoch is dropped.
+    `shards`: on the CPU, the whole step splits each batch across this many single-threaded workers (BatchNorm
+    statistics per shard); by default, for nets under 2.5 M multiply-accumulates per image, one per torch thread with
+    at least 32 images each (search/whole_step.py, cpu_shards); 1 trains the whole batch on torch's intra-op threads.
     `cuda_graphs`: on CUDA, replay training as CUDA graphs: the whole step as one graph, or with AdamW the forward
     and backward (the last partial batch dropped too).
     `precision`: "auto" (bfloat16 autocast on CUDA and on CPUs with native bfloat16, else float32), "bf16", "fp32".
@@ -336,6 +341,9 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
     graphs = cuda_graphs and device.type == "cuda" and not compile_model and n >= cfg.batch_size
     if whole_step is None:  # measured on the 2-core CPU too: 3,849 -> 3,970 img/s baseline, 5,056 -> 5,203 compact
         whole_step = cfg.optimizer == "sgd" and not compile_model and n >= cfg.batch_size
+    if shards not in (None, 1) and not whole_step:
+        raise ValueError(f"shards={shards}: batches are sharded by the whole SGD step only (optimizer="
+                         f"{cfg.optimizer!r}, whole_step={whole_step})")
     if whole_step and n < cfg.batch_size:
         raise ValueError(f"batch_size={cfg.batch_size}: more than the {n} training images (the whole step takes "
                          "full batches only)")
@@ -347,10 +355,15 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
     try:
         if whole_step:
-            from search.whole_step import WholeStep
+            from search.whole_step import WholeStep, cpu_shards
 
+            if shards is None and device.type == "cpu":
+                from models.budget import module_table
+
+                macs = sum(row.macs for row in module_table(model, (1, *x_train.shape[1:]))[0])
+                shards = cpu_shards(cfg.batch_size, macs)
             stepper = WholeStep(model, x_train, y_train, cfg, criterion, channels_last, steps_per_epoch,
-                                capture=graphs, bf16=bf16)
+                                capture=graphs, bf16=bf16, shards=shards or 1)
         elif graphs:
             example = x_train[:cfg.batch_size].contiguous(memory_format=torch.channels_last if channels_last
                                                            else torch.contiguous_format)
@@ -365,7 +378,8 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
         opt = make_optimizer(model, cfg)
         sched = make_scheduler(opt, cfg, steps_per_epoch)
     history = History(device=str(device), n_params=sum(p.numel() for p in model.parameters()),
-                      precision="bf16" if bf16 else "fp32")
+                      precision="bf16" if bf16 else "fp32",
+                      shards=stepper.shards if stepper is not None else 1)
     # Images per evaluation batch. On the CPU 500 keeps a baseline's bfloat16 activations under the allocator's
     # 32 MiB threshold (see tune_cpu_allocator): 10,000 images took 0.39-0.41 s at 500 and 0.78-0.90 s at 2,000.
     eval_batch = 2000 if device.type == "cuda" else 500
@@ -412,6 +426,8 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
     finally:
         if bar:
             bar.close()
+        if stepper is not None:
+            stepper.close()
 
 
 def batch_loss(model: nn.Module, criterion: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,

@@ -12,6 +12,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from search.study import SearchOptions, count_trained, load_existing_study, run_search
+from search.whole_step import cpu_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +43,8 @@ def test_search_stores_trials_rejects_over_budget_and_resumes(tmp_path, data_roo
         assert t.user_attrs["macs"] > 0 and t.user_attrs["config"]["epochs"] == 1
         assert len(t.user_attrs["history"]) == 1 and 0 <= t.user_attrs["history"][0]["val_acc"] <= 1
         assert t.user_attrs["wall_s"] > 0 and t.user_attrs["device"] == "cpu"
+        assert t.user_attrs["precision"] in ("bf16", "fp32") 
+        assert t.user_attrs["shards"] == cpu_shards(t.user_attrs["config"]["batch_size"], t.user_attrs["macs"])
         assert t.intermediate_values or t.state == TrialState.COMPLETE
 
     csv = pd.read_csv(tmp_path / "s" / "trials.csv")

@@ -1,12 +1,18 @@
 """The training engine on small real data: it learns, it is deterministic, it survives a blow-up."""
 
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
+from models.budget import analyze
 from models.build import build
 from models.presets import PRESETS
-from search.train import MAX_EPOCHS, TrainConfig, augment_batch, cpu_has_native_bf16, fit, use_bf16
+from models.spec import Conv, ConvBlock, Head, NetSpec, Transition
+from search.train import MAX_EPOCHS, TrainConfig, augment_batch, cpu_has_native_bf16, fit, to_device, use_bf16
+from search.whole_step import WholeStep, cpu_shards
 
 
 def metrics(history):
@@ -83,7 +89,7 @@ def test_whole_step_trains_like_the_ordinary_loop(mnist):
     for whole_step in (False, True):
         model = build(PRESETS["tiny"])
         histories.append(fit(model, mnist.train.head(256), mnist.val.head(200), cfg, device="cpu", progress=False,
-                             precision="fp32", whole_step=whole_step))
+                             precision="fp32", whole_step=whole_step, shards=1))
         models.append(model)
     ordinary, whole = (m.state_dict() for m in models)
     for name, value in ordinary.items():
@@ -91,6 +97,69 @@ def test_whole_step_trains_like_the_ordinary_loop(mnist):
     assert [e.lr for e in histories[0].epochs] == pytest.approx([e.lr for e in histories[1].epochs])
     assert [e.train_loss for e in histories[0].epochs] == pytest.approx([e.train_loss for e in histories[1].epochs],
                                                                         rel=1e-4)
+
+
+def _plain_spec(batchnorm: bool) -> NetSpec:
+    """Two small conv blocks without dropout: nothing random inside the step but the augmentation."""
+    return NetSpec((ConvBlock((Conv(8), Conv(8)), batchnorm=batchnorm), Transition(4, batchnorm=batchnorm),
+                    ConvBlock((Conv(8), Conv(8)), batchnorm=batchnorm)), Head("conv_gap"))
+
+
+def test_sharded_step_is_the_whole_batch_step_without_batchnorm(mnist):
+    """Shards' gradients, weighted by their share of the batch and summed, are the whole batch's gradient."""
+    cfg = TrainConfig(epochs=2, batch_size=64, seed=5)
+    models = [build(_plain_spec(batchnorm=False)) for _ in range(2)]
+    histories = [fit(m, mnist.train.head(256), mnist.val.head(200), cfg, device="cpu", progress=False,
+                     precision="fp32", shards=shards) for m, shards in zip(models, (1, 2))]
+    whole, sharded = (m.state_dict() for m in models)
+    for name, value in whole.items():
+        assert torch.allclose(value, sharded[name], atol=1e-5), name
+    flat = [[v for record in metrics(h) for v in record] for h in histories]
+    assert flat[0] == pytest.approx(flat[1], rel=1e-4)
+
+
+def test_sharded_batchnorm_normalises_per_shard_and_averages_running_statistics(mnist):
+    torch.manual_seed(0)
+    model = build(_plain_spec(batchnorm=True))
+    start = copy.deepcopy(model.state_dict())
+    x, y = to_device(mnist.train.head(64), torch.device("cpu"))
+    cfg = TrainConfig(epochs=1, batch_size=64, augment=0.0, lr=1e-3)
+    step = WholeStep(model, x, y, cfg, nn.CrossEntropyLoss(), False, 1, capture=False, bf16=False, shards=2)
+    try:
+        step.start_epoch(torch.arange(64), None)
+        step.step()
+        halves = []
+        for part in (x[:32], x[32:]):  # what each shard's BatchNorm saw: its own 32 images
+            replica = build(_plain_spec(batchnorm=True))
+            replica.load_state_dict(start)
+            replica.train()(part)
+            halves.append(replica.state_dict())
+        for name, value in model.state_dict().items():
+            if name.endswith(("running_mean", "running_var")):
+                assert torch.allclose(value, (halves[0][name] + halves[1][name]) / 2, atol=1e-6), name
+                assert torch.equal(value, step.replicas[1].state_dict()[name])  # the replica goes on from the same
+                assert not torch.allclose(halves[0][name], halves[1][name])
+        assert step.replicas[1][0][0].weight is model[0][0].weight  # parameters shared, not copied
+    finally:
+        step.close()
+
+
+def test_sharding_leaves_threads_and_dropout_as_they_were(mnist):
+    threads = torch.get_num_threads()
+    model = build(PRESETS["tiny"])
+    fit(model, mnist.train.head(256), mnist.val.head(64), TrainConfig(epochs=1), device="cpu", progress=False,
+        shards=2)
+    assert torch.get_num_threads() == threads
+    assert all(getattr(m, "generator", None) is None for m in model.modules())
+    with pytest.raises(ValueError, match="shards=33: must be between 1 and batch_size / 2 = 32"):
+        fit(build(PRESETS["tiny"]), mnist.train.head(256), mnist.val.head(64), TrainConfig(epochs=1),
+            device="cpu", progress=False, shards=33)
+
+
+def test_sharded_runs_with_one_seed_give_one_history(mnist):
+    runs = [fit(build(PRESETS["tiny"]), mnist.train.head(1_000), mnist.val.head(500), TrainConfig(epochs=2, seed=7),
+                device="cpu", progress=False, shards=2) for _ in range(2)]
+    assert metrics(runs[0]) == metrics(runs[1])
 
 
 def test_whole_step_refuses_adamw(mnist):
@@ -109,3 +178,14 @@ def test_precision_is_checked_and_fp32_is_float32(mnist):
         history = fit(build(PRESETS["tiny"]), mnist.train.head(128), mnist.val.head(64), TrainConfig(epochs=1),
                       device="cpu", progress=False, precision=precision)
         assert history.precision == precision and history.to_dict()["precision"] == precision
+
+
+def test_small_nets_shard_on_a_cpu_and_the_history_says_so(mnist):
+    assert cpu_shards(64, analyze(PRESETS["baseline"]).macs) == 1  # big enough for torch's intra-op threads
+    assert cpu_shards(64, analyze(PRESETS["small"]).macs) == min(2, torch.get_num_threads())
+    assert cpu_shards(48, analyze(PRESETS["small"]).macs) == 1  # two shards would hold fewer than 32 images
+    history = fit(build(PRESETS["tiny"]), mnist.train.head(256), mnist.val.head(64), TrainConfig(epochs=1),
+                  device="cpu", progress=False)
+    assert history.shards == cpu_shards(64, analyze(PRESETS["tiny"]).macs)
+    assert fit(build(PRESETS["tiny"]), mnist.train.head(256), mnist.val.head(64), TrainConfig(epochs=1),
+               device="cpu", progress=False, shards=1).shards == 1
