@@ -1,6 +1,7 @@
 """Train presets with the default recipe and print validation accuracy per epoch.
 
-    python benchmarks/accuracy.py [--presets baseline,small,tiny] [--epochs 15] [--data-dir ../shared/datasets]
+    python benchmarks/accuracy.py [--presets baseline,small,tiny] [--epochs 15] [--seed 0] [--shards N]
+                                  [--data-dir ../shared/datasets]
 
 Target: `baseline` at least 99.4% validation accuracy at its final epoch within 15 epochs.
 """
@@ -26,17 +27,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--shards", type=int, default=None,
+                        help="CPU batch shards (search/whole_step.py); default: the engine's choice")
     args = parser.parse_args()
     mnist = load_mnist(args.data_dir)
     for name in args.presets.split(","):
         spec = PRESETS[name]
         cfg = TrainConfig(epochs=args.epochs, seed=args.seed)
         start = time.perf_counter()
-        history = fit(build(spec), mnist.train, mnist.val, cfg, device=args.device, progress=False,
+        history = fit(build(spec), mnist.train, mnist.val, cfg, device=args.device, progress=False, shards=args.shards,
                       on_epoch=lambda r: print(f"  {name} epoch {r.epoch:2d}: val {r.val_acc:.2%} "
                                                f"({r.images_per_s:,.0f} img/s)", flush=True))
         print(f"{name}: {count_params(spec):,} params, final-epoch validation accuracy {history.final_val_acc:.2%} "
-              f"after {len(history.epochs)} epochs, {time.perf_counter() - start:.0f} s on {history.device}", flush=True)
+              f"after {len(history.epochs)} epochs, {time.perf_counter() - start:.0f} s on {history.device}"
+              f"{f' ({history.shards} shards)' if history.shards > 1 else ''}", flush=True)
 
 
 if __name__ == "__main__":

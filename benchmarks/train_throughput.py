@@ -6,12 +6,13 @@
     batch 32, SGD with Nesterov momentum, float32, torch's own nn.Dropout; in a fresh process of its own, so that it
     runs with malloc as it comes (the engine tunes it: search/train.py, tune_cpu_allocator);
 (b) the engine: the whole training split as a tensor on the device, batches by index, batched random affine
-    augmentation, its default batch size and precision (search/train.py), budgetnas's Dropout (models/build.py).
+    augmentation, its default batch size and precision (search/train.py), budgetnas's Dropout (models/build.py),
+    on a CPU each batch split across the threads (search/whole_step.py).
 Prints images per second (median of the repeats, interleaved), the ratio (b)/(a), and the engine's achieved GFLOP/s
 (3 x 2 x forward MACs per image: forward plus a backward of about twice its cost) next to this machine's measured
 matmul peak in the engine's precision. On a CPU with native bfloat16 also the engine in float32; with --ablate also
-the engine with torch's nn.Dropout. Target on a 2-core CPU: the engine at least 3x the usual loop. On CUDA, also
-seconds per epoch, against the ordinary eager loop and at batch 128 and 256.
+the engine with torch's nn.Dropout and, on a CPU, unsharded. Target on a 2-core CPU: the engine at least 3x the usual
+loop. On CUDA, also seconds per epoch, against the ordinary eager loop and at batch 128 and 256.
 """
 
 import argparse
@@ -77,13 +78,14 @@ def usual_loop_fresh(name: str, data_dir, n_images: int, device) -> float:
 
 
 def engine(spec, mnist, n_images: int, device, compile_model: bool = False, cuda_graphs: bool = True,
-           batch_size: int = TrainConfig.batch_size, precision: str = "auto",
-           whole_step: bool | None = None, torch_dropout: bool = False) -> tuple[float, float]:
+           batch_size: int = TrainConfig.batch_size, precision: str = "auto", whole_step: bool | None = None,
+           torch_dropout: bool = False, shards: int | None = None) -> tuple[float, float]:
     """Images per second of the second epoch, and the first epoch's extra seconds (compile time, warm-up)."""
     model = with_torch_dropout(build(spec)) if torch_dropout else build(spec)
     history = fit(model, mnist.train.head(n_images), mnist.val.head(1000),
                   TrainConfig(epochs=2, batch_size=batch_size), device=device, progress=False,
-                  compile_model=compile_model, cuda_graphs=cuda_graphs, precision=precision, whole_step=whole_step)
+                  compile_model=compile_model, cuda_graphs=cuda_graphs, precision=precision, whole_step=whole_step,
+                  shards=shards)
     first, last = history.epochs  # the second epoch: allocator, kernel choices and compiled graphs warmed up
     return last.images_per_s, first.seconds - last.seconds
 
@@ -112,7 +114,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--compile", action="store_true", help="also measure the engine under torch.compile")
-    parser.add_argument("--ablate", action="store_true", help="also the engine with torch's nn.Dropout")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also the engine with torch's nn.Dropout, and (on a CPU) unsharded (one batch on torch's "
+                             "intra-op threads)")
     parser.add_argument("--usual-loop-only", metavar="PRESET", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -129,14 +133,17 @@ def main() -> None:
     for name in args.presets.split(","):
         spec = PRESETS[name]
         macs = analyze(spec).macs
-        loop, eng, eng32, eng_torch_drop = [], [], [], []
+        loop, eng, eng32, eng_torch_drop, eng_unsharded = [], [], [], [], []
         for _ in range(args.repeats):  # interleaved, so that a noisy neighbour hits all three alike
-            loop.append(usual_loop_fresh(name, args.data_dir, args.images // 4, device))
+            # as many images as the engine: runs of 3,200 varied 30% (1,464 and 1,910 img/s for small)
+            loop.append(usual_loop_fresh(name, args.data_dir, args.images, device))
             eng.append(engine(spec, mnist, args.images, device)[0])
             if bf16 and device.type == "cpu":
                 eng32.append(engine(spec, mnist, args.images, device, precision="fp32")[0])
             if args.ablate:
                 eng_torch_drop.append(engine(spec, mnist, args.images, device, torch_dropout=True)[0])
+                if device.type == "cpu":
+                    eng_unsharded.append(engine(spec, mnist, args.images, device, shards=1)[0])
         loop_ips, eng_ips = statistics.median(loop), statistics.median(eng)
         gflops = eng_ips * 6 * macs / 1e9
         line = (f"{name} ({analyze(spec).n_params:,} params, {macs / 1e6:.2f} M MACs/img): usual loop "
@@ -146,6 +153,8 @@ def main() -> None:
             line += f"; engine in float32 {statistics.median(eng32):,.0f} img/s ({statistics.median(eng32) / loop_ips:.1f}x)"
         if eng_torch_drop:
             line += f"; engine with torch's nn.Dropout {statistics.median(eng_torch_drop):,.0f} img/s"
+        if eng_unsharded:
+            line += f"; engine unsharded {statistics.median(eng_unsharded):,.0f} img/s"
         if args.compile:
             comp = engine(spec, mnist, args.images, device, compile_model=True)
             gain = 1 / eng_ips - 1 / comp[0]  # seconds saved per image
