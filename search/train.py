@@ -363,7 +363,7 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
                 macs = sum(row.macs for row in module_table(model, (1, *x_train.shape[1:]))[0])
                 shards = cpu_shards(cfg.batch_size, macs)
             stepper = WholeStep(model, x_train, y_train, cfg, criterion, channels_last, steps_per_epoch,
-                                capture=graphs, bf16=bf16, shards=shards or 1)
+                                capture=graphs, bf16=bf16, shards=1 if shards is None else shards)
         elif graphs:
             example = x_train[:cfg.batch_size].contiguous(memory_format=torch.channels_last if channels_last
                                                            else torch.contiguous_format)

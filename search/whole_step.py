@@ -123,6 +123,7 @@ class WholeStep:
             self._start_shards(shards, device)
 
     def _start_shards(self, shards: int, device: torch.device) -> None:
+        """Split the batch's offsets, build the replicas and their dropout streams, start one worker per shard."""
         size = self.cfg.batch_size
         bounds = [size * i // shards for i in range(shards + 1)]
         self.shard_offsets = [self.offsets[a:b] for a, b in zip(bounds, bounds[1:])]

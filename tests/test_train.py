@@ -151,9 +151,13 @@ def test_sharding_leaves_threads_and_dropout_as_they_were(mnist):
         shards=2)
     assert torch.get_num_threads() == threads
     assert all(getattr(m, "generator", None) is None for m in model.modules())
-    with pytest.raises(ValueError, match="shards=33: must be between 1 and batch_size / 2 = 32"):
-        fit(build(PRESETS["tiny"]), mnist.train.head(256), mnist.val.head(64), TrainConfig(epochs=1),
-            device="cpu", progress=False, shards=33)
+    for shards in (0, 33):
+        with pytest.raises(ValueError, match=f"shards={shards}: must be between 1 and batch_size / 2 = 32"):
+            fit(build(PRESETS["tiny"]), mnist.train.head(256), mnist.val.head(64), TrainConfig(epochs=1),
+                device="cpu", progress=False, shards=shards)
+    with pytest.raises(ValueError, match="shards=2: batches are sharded by the whole SGD step only"):
+        fit(build(PRESETS["tiny"]), mnist.train.head(256), mnist.val.head(64),
+            TrainConfig(epochs=1, optimizer="adamw"), device="cpu", progress=False, shards=2)
 
 
 def test_sharded_runs_with_one_seed_give_one_history(mnist):
