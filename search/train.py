@@ -399,6 +399,7 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
                     if bar:
                         bar.advance(epoch)
                 loss_sum, correct = stepper.sums()
+                stepper.sync()
                 seen = steps_per_epoch * cfg.batch_size
             else:
                 loss_sum, correct, seen = _train_epoch(step_model, opt, sched, criterion, x_train, y_train, order,

@@ -17,7 +17,7 @@ follows. Small convolutions gain little from torch's intra-op threads: on the 2-
 `compact` at ~4,400 img/s and two at ~6,500, while two independent single-threaded trainings ran ~4,450 each (a
 baseline-sized net, whose convolutions keep both threads busy, gains nothing and is not sharded). BatchNorm then
 normalises each shard by its own statistics ("ghost batch" normalisation, as on several GPUs without SyncBatchNorm);
-its running statistics are averaged across shards after every step, so evaluation sees one set.
+its running statistics are averaged across shards before every evaluation, so evaluation sees one set.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def _bn_stats(model: nn.Module) -> list[torch.Tensor]:
 
 
 class WholeStep:
-    """One SGD step per call: `start_epoch(order, thetas)`, then `step()` n // batch_size times, then `sums()`.
+    """One SGD step per call: `start_epoch(order, thetas)`, then `step()` n // batch_size times, then `sums()` and,
+    before the model is evaluated, `sync()`.
 
     `shards` > 1 (CPU only) splits each batch across that many worker threads; `close()` stops them.
     """
@@ -187,16 +188,22 @@ class WholeStep:
             grads = list(parts[0][0])
             for other, _, _ in parts[1:]:  # in shard order, so the sum is the same every run
                 torch._foreach_add_(grads, other)
-            # BatchNorm running statistics: every shard's own update, averaged, is the update by the averaged
-            # batch statistics (momentum is linear); all replicas go on from the average
-            stats = self.shard_stats[0]
-            if stats:
+            self._update(grads, sum(p[1] for p in parts), sum(p[2] for p in parts))
+
+    def sync(self) -> None:
+        """Bring every shard's BatchNorm running statistics to their weighted mean (before evaluating the model).
+
+        The running statistics are exponential moving averages, linear in the batch statistics: the mean of the
+        shards' own averages, taken once, equals averaging after every step; all replicas go on from the mean.
+        """
+        stats = self.shard_stats[0] if self.pool is not None else []
+        if stats:
+            with torch.no_grad():
                 torch._foreach_mul_(stats, self.shard_weights[0])
                 for other, w in zip(self.shard_stats[1:], self.shard_weights[1:]):
                     torch._foreach_add_(stats, other, alpha=w)
                 for other in self.shard_stats[1:]:
                     torch._foreach_copy_(other, stats)
-            self._update(grads, sum(p[1] for p in parts), sum(p[2] for p in parts))
 
     def _update(self, grads: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
         """The SGD update from `grads` (aligned with self.params; changed in place) and the epoch's sums."""

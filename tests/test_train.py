@@ -128,6 +128,7 @@ def test_sharded_batchnorm_normalises_per_shard_and_averages_running_statistics(
     try:
         step.start_epoch(torch.arange(64), None)
         step.step()
+        step.sync()
         halves = []
         for part in (x[:32], x[32:]):  # what each shard's BatchNorm saw: its own 32 images
             replica = build(_plain_spec(batchnorm=True))
