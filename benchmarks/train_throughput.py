@@ -32,6 +32,7 @@ from models.build import build  # noqa: E402
 from models.presets import PRESETS  # noqa: E402
 from search.data import MEAN, STD, load_mnist, resolve_root  # noqa: E402
 from search.train import TrainConfig, fit, resolve_device, use_bf16  # noqa: E402
+from search.whole_step import cpu_shards  # noqa: E402
 
 
 def with_torch_dropout(model: nn.Sequential) -> nn.Sequential:
@@ -134,6 +135,7 @@ def main() -> None:
         spec = PRESETS[name]
         macs = analyze(spec).macs
         loop, eng, eng32, eng_torch_drop, eng_unsharded = [], [], [], [], []
+        sharded = device.type == "cpu" and cpu_shards(TrainConfig.batch_size, macs) > 1  # else already unsharded
         for _ in range(args.repeats):  # interleaved, so that a noisy neighbour hits all three alike
             # as many images as the engine: runs of 3,200 varied 30% (1,464 and 1,910 img/s for small)
             loop.append(usual_loop_fresh(name, args.data_dir, args.images, device))
@@ -142,7 +144,7 @@ def main() -> None:
                 eng32.append(engine(spec, mnist, args.images, device, precision="fp32")[0])
             if args.ablate:
                 eng_torch_drop.append(engine(spec, mnist, args.images, device, torch_dropout=True)[0])
-                if device.type == "cpu":
+                if sharded:
                     eng_unsharded.append(engine(spec, mnist, args.images, device, shards=1)[0])
         loop_ips, eng_ips = statistics.median(loop), statistics.median(eng)
         gflops = eng_ips * 6 * macs / 1e9
@@ -155,6 +157,8 @@ def main() -> None:
             line += f"; engine with torch's nn.Dropout {statistics.median(eng_torch_drop):,.0f} img/s"
         if eng_unsharded:
             line += f"; engine unsharded {statistics.median(eng_unsharded):,.0f} img/s"
+        elif args.ablate and device.type == "cpu":
+            line += "; not sharded by default (search/whole_step.py, cpu_shards)"
         if args.compile:
             comp = engine(spec, mnist, args.images, device, compile_model=True)
             gain = 1 / eng_ips - 1 / comp[0]  # seconds saved per image

@@ -12,9 +12,9 @@ class Dropout(nn.Dropout):
     """Element-wise dropout; on the CPU its mask takes 16 random bits per element, four from each 64-bit draw.
 
     nn.Dropout's CPU mask (`bernoulli_`) draws one random number per element: on the 2-core CPU it took 27% of a
-    baseline training step (6.8 ms of 24.7 ms at batch 64, torch.profiler). In the engine baseline trains 3,734
-    img/s with this one and 2,848 with nn.Dropout (bfloat16; `benchmarks/train_throughput.py --ablate`). The drop probability
-    is quantised to 1/65,536. On CUDA, in eval mode and in the cases below it is nn.Dropout itself; the state dict
+    baseline training step (6.8 ms of 24.7 ms at batch 64, torch.profiler). In the engine baseline trains 4,054
+    img/s with this one and 3,083 with nn.Dropout (bfloat16, medians of 3; `benchmarks/train_throughput.py
+    --ablate`). The drop probability is quantised to 1/65,536. On CUDA, in eval mode and in the cases below it is nn.Dropout itself; the state dict
     is the same. `generator`: the CPU mask's random source (torch's default when None; the sharded CPU step gives
     each shard its own, so that threads draw in a fixed order).
     """
