@@ -13,11 +13,13 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
+from models.rules import RULES
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Search small conv nets under a parameter budget (MNIST, <20k params, no Linear, <=20 epochs).")
+                  help=f"Search small conv nets under a parameter budget (MNIST, <{RULES.max_params:,} params, no Linear, "
+                       f"<={RULES.max_epochs} epochs).")
 console = Console(soft_wrap=True)  # log lines stay whole in files and CI logs
 err = Console(stderr=True, soft_wrap=True)
 
@@ -80,27 +82,14 @@ def _load_target(target: str):
         raise fail(f"{path}: {exc}") from None
 
 
-def print_layer_table(analysis, title: str) -> None:
-    table = Table(title=title, title_justify="left")
-    for col, justify in (("layer", "left"), ("op", "left"), ("output", "right"), ("params", "right"),
-                         ("receptive field", "right"), ("MACs", "right")):
-        table.add_column(col, justify=justify)
-    for row in analysis.layers:
-        table.add_row(row.name, row.op, "x".join(map(str, row.out_shape)), f"{row.n_params:,}",
-                      "-" if row.receptive_field is None else f"{row.receptive_field}", f"{row.macs:,}")
-    table.add_section()
-    table.add_row("total", "", "", f"{analysis.n_params:,}",
-                  "-" if analysis.receptive_field is None else str(analysis.receptive_field), f"{analysis.macs:,}")
-    console.print(table)
-
-
 @app.command()
 def check(target: Annotated[str, typer.Argument(help="A preset name, a spec JSON file, or path/to/file.py:ClassName.")],
-          max_params: MaxParams = 20_000) -> None:
+          max_params: MaxParams = RULES.max_params) -> None:
     """Count parameters, receptive field and MACs per layer, and judge the network against the rules."""
     from models.budget import check as check_spec, check_module
     from models.build import build
     from models.spec import NetSpec
+    from search.console import print_layer_table
 
     net = _load_target(target)
     if isinstance(net, NetSpec):
@@ -129,6 +118,7 @@ def show(preset: Annotated[str, typer.Argument(help="A preset name.")],
     """Print a preset's spec (JSON with --json) so it can be edited."""
     from models import presets
     from models.budget import analyze
+    from search.console import print_layer_table
 
     if preset not in presets.PRESETS:
         raise fail(f"unknown preset {preset!r}; known: {', '.join(presets.PRESETS)}")
@@ -172,13 +162,14 @@ def _on_sigterm(signum, frame):
 
 
 @app.command()
-def search(
+def search(  # long: one line per option, and the refusals of bad input before anything is written
     trials: Annotated[int, typer.Option(callback=bounded(1), help="Trained trials in the study (rejected candidates do not count).")] = 50,
     study: Study = "mnist",
     storage: Storage = None,
-    epochs: Annotated[int, typer.Option(callback=bounded(1, 20, " (the exercise allows at most 20 epochs)"),
-                                        help="Epochs per trial (the rules allow at most 20).")] = 20,
-    max_params: MaxParams = 20_000,
+    epochs: Annotated[int, typer.Option(callback=bounded(1, RULES.max_epochs,
+                                                         f" (the exercise allows at most {RULES.max_epochs} epochs)"),
+                                        help=f"Epochs per trial (the rules allow at most {RULES.max_epochs}).")] = RULES.max_epochs,
+    max_params: MaxParams = RULES.max_params,
     objective: Annotated[Objective, typer.Option(help="accuracy: maximise validation accuracy; pareto: also "
                                                  "minimise parameters.")] = Objective.accuracy,
     sampler: Annotated[SamplerName, typer.Option()] = SamplerName.tpe,
@@ -197,20 +188,26 @@ def search(
     results_dir: Annotated[str, typer.Option(help="Where the database, trials.csv and reports go.")] = "results",
     threads: Annotated[Optional[int], typer.Option(callback=bounded(1), help="CPU threads for this worker [default: cores / "
                                                    "jobs]; with W workers on one machine, give cores / W.")] = None,
+    heartbeat: Annotated[str, typer.Option(hidden=True, help="Tests: heartbeat interval and grace, seconds.")] = "10,60",
+    worker_id: Annotated[Optional[str], typer.Option(hidden=True, help="Tests: play a worker on another host.")] = None,
 ) -> None:
     """Search the block-builder's space with Optuna; every trial is stored, and the same command resumes."""
     import signal
 
     from search.data import DataError, check_data_root, load_mnist
-    from search.study import SearchError, SearchOptions, run_search
-    from search.train import resolve_device
+    from search.engine import resolve_device
+    from search.storage import SearchError, this_worker
+    from search.console import print_leaderboard, print_trial_line
+    from search.options import SearchOptions
+    from search.study import run_search
 
     try:
+        beat = tuple(int(x) for x in heartbeat.split(","))
         opts = SearchOptions(trials=trials, study=study, storage=storage, results_dir=results_dir, epochs=epochs,
                              max_params=max_params, objective=objective.value, sampler=sampler.value,
                              pruner=pruner.value, seed=seed, device=device.value, jobs=jobs, subset=subset,
                              data_dir=data_dir, warm_start=warm_start, repair=repair, max_rejections=max_rejections, min_rf=min_rf,
-                             threads=threads)
+                             threads=threads, heartbeat=beat, worker=worker_id or this_worker())
         resolve_device(opts.device)
         check_data_root(data_dir)
         _refuse_sqlite_across_threads(opts)
@@ -219,31 +216,26 @@ def search(
         raise fail(str(exc)) from None
 
     signal.signal(signal.SIGTERM, _on_sigterm)
-    state = {"study": None}
-
-    def on_trial_end(study_obj, trial) -> None:
-        state["study"] = study_obj
-        _print_trial_line(study_obj, trial, opts)
-
     try:
-        result = run_search(opts, log=lambda line: console.print(line, highlight=False, markup=False), on_trial_end=on_trial_end)
+        result = run_search(opts, log=lambda line: console.print(line, highlight=False, markup=False),
+                            on_trial_end=lambda study_obj, trial: print_trial_line(study_obj, trial, opts))
     except (SearchError, DataError) as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt as exc:
-        from search.study import requeue_interrupted
+        from search.storage import load_existing_study, requeue_interrupted
 
-        n = requeue_interrupted(opts)
+        n = requeue_interrupted(load_existing_study(opts.study, opts.storage_url))
         sig = "SIGTERM" if isinstance(exc, Interrupted) else "Ctrl-C"
         err.print(f"{sig}: search stopped; the running trial is stored as interrupted"
                   f"{' and queued again' if n else ''}. Run the same command to continue to {trials} trials.")
         raise typer.Exit(143 if isinstance(exc, Interrupted) else 130) from None
-    _print_leaderboard(result, opts)
+    print_leaderboard(result, opts)
     if result.stop_reason:
         raise fail(result.stop_reason, code=1)
 
 
 def _refuse_sqlite_across_threads(opts) -> None:
-    from search.study import SearchError
+    from search.storage import SearchError
 
     if opts.jobs > 1 and opts.storage_url.startswith("sqlite"):
         raise SearchError(f"--jobs={opts.jobs} with SQLite storage: SQLite serialises every write and parallel "
@@ -251,57 +243,10 @@ def _refuse_sqlite_across_threads(opts) -> None:
                           "for parallel trials, or --jobs 1")
 
 
-def _print_trial_line(study_obj, trial, opts) -> None:
-    from search.study import count_trained, outcome_counts
-
-    attrs = trial.user_attrs
-    outcome = attrs.get("outcome", trial.state.name.lower())
-    if outcome == "rejected":
-        return  # already logged when it happened
-    counts = outcome_counts(study_obj)
-    acc = trial.values[0] if trial.values else None
-    figure = f"val {acc:.2%}" if acc is not None else attrs.get("reason", "")
-    best = _best_line(study_obj)
-    seconds = f", {attrs['wall_s']:.0f} s" if attrs.get("wall_s") else ""
-    console.print(
-        f"trial {trial.number} {outcome}: {attrs.get('n_params', 0):,} params, {figure}{seconds} | "
-        f"{count_trained(study_obj)}/{opts.trials} trained, {counts.get('rejected', 0)} rejected, "
-        f"{counts.get('pruned', 0)} pruned | best {best}", highlight=False, markup=False)
-
-
-def _best_line(study_obj) -> str:
-    from search.study import feasible_completed
-
-    done = feasible_completed(study_obj)
-    if not done:
-        return "-"
-    top = max(done, key=lambda t: (t.values[0], -t.user_attrs.get("n_params", 0)))
-    return f"{top.values[0]:.2%} at {top.user_attrs.get('n_params', 0):,} params (trial {top.number})"
-
-
-def _print_leaderboard(result, opts) -> None:
-    from search.study import feasible_completed
-
-    done = sorted(feasible_completed(result.study), key=lambda t: (-t.values[0], t.user_attrs.get("n_params", 0)))
-    table = Table(title=f"study {opts.study}: {result.trained} trained, {result.counts.get('completed', 0)} completed, "
-                        f"{result.counts.get('pruned', 0)} pruned, {result.counts.get('rejected', 0)} rejected, "
-                        f"{result.counts.get('failed', 0)} failed; {result.wall_s:.0f} s this run",
-                  title_justify="left")
-    for col in ("trial", "val acc", "params", "RF", "epochs", "optimizer", "lr", "seconds"):
-        table.add_column(col, justify="right")
-    for t in done[:10]:
-        cfg = t.user_attrs.get("config", {})
-        table.add_row(str(t.number), f"{t.values[0]:.2%}", f"{t.user_attrs.get('n_params', 0):,}",
-                      str(t.user_attrs.get("receptive_field", "")), str(t.user_attrs.get("epochs_trained", "")),
-                      cfg.get("optimizer", ""), f"{cfg.get('lr', 0):.3g}", f"{t.user_attrs.get('wall_s', 0):.0f}")
-    console.print(table)
-    console.print(f"stored in {opts.storage_url}; trials table: {result.csv_path}")
-
-
 def _open_study(study: str, storage: Optional[str], results_dir: str):
-    from search.study import SearchError, SearchOptions, load_existing_study
+    from search.storage import SearchError, default_storage_url, load_existing_study
 
-    url = storage or SearchOptions(study=study, results_dir=results_dir).storage_url
+    url = storage or default_storage_url(results_dir, study)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         raise fail(f"no study {study!r}: {url.removeprefix('sqlite:///')} does not exist (run search first, or "
                    "give --storage / --results-dir)")
@@ -319,16 +264,17 @@ def best(
     target: Annotated[Optional[float], typer.Option(callback=bounded(0, 100, " percent"), help="Pareto studies: certify the smallest "
                                                    "network whose validation accuracy reached this percentage.")] = None,
     seeds: Annotated[int, typer.Option(callback=bounded(1, 10), help="Retraining seeds.")] = 3,
-    max_params: MaxParams = 20_000,
+    max_params: MaxParams = RULES.max_params,
     device: Annotated[DeviceName, typer.Option()] = DeviceName.auto,
     data_dir: DataDir = None,
     results_dir: Annotated[str, typer.Option(help="Where the study's files are.")] = "results",
 ) -> None:
     """Retrain the winner on all 60,000 training images with several seeds and certify it on the test set."""
     from search.data import DataError, check_data_root
+    from search.engine import resolve_device
+    from search.console import print_verdict
     from search.retrain import certify, pick_winner
-    from search.study import SearchError
-    from search.train import resolve_device
+    from search.storage import SearchError
 
     try:
         resolve_device(device.value)
@@ -341,22 +287,14 @@ def best(
     except SearchError as exc:
         raise fail(str(exc)) from None
     val = f", validation {winner.values[0]:.2%}" if winner.values else ""
-    console.print(f"certifying trial {winner.number}: {winner.user_attrs['n_params']:,} params{val}", highlight=False)
+    console.print(f"certifying trial {winner.number}: {winner.n_params:,} params{val}", highlight=False)
     try:
         result = certify(study_obj, winner, seeds=seeds, data_dir=data_dir, device=device.value,
                          results_dir=results_dir, max_params=max_params,
                          log=lambda line: console.print(line, highlight=False, markup=False))
     except DataError as exc:
         raise fail(str(exc)) from None
-    table = Table(title=f"trial {winner.number} against the rules", title_justify="left")
-    for col in ("rule", "figure", "verdict"):
-        table.add_column(col)
-    for rule in result["rules"]:
-        table.add_row(rule["rule"], rule["figure"], "[green]PASS[/]" if rule["pass"] else "[red]FAIL[/]")
-    console.print(table)
-    per_seed = ", ".join(f"seed {r['seed']}: {r['final_test_acc']:.2%}" for r in result["seeds"])
-    console.print(f"final-epoch test accuracy {per_seed}; {result['seeds_reaching_target']} of {seeds} seed{'s' if seeds > 1 else ''} reached "
-                  f"{result['target']:.2%}", highlight=False)
+    print_verdict(result, seeds)
     console.print(f"written: {Path(results_dir) / study / 'best.json'} and one checkpoint per seed", highlight=False)
     if not result["certified"]:
         raise typer.Exit(1)
@@ -366,7 +304,6 @@ def best(
 def report(
     study: Study = "mnist",
     storage: Storage = None,
-    data_dir: DataDir = None,
     results_dir: Annotated[str, typer.Option(help="Where the study's files are.")] = "results",
     open_browser: Annotated[bool, typer.Option("--open", help="Open the report in a browser.")] = False,
 ) -> None:
@@ -374,7 +311,6 @@ def report(
     from search.report import write_report
     from search.retrain import read_best
 
-    del data_dir  # accepted like search and best take it; the report reads only the storage and best.json
     study_obj = _open_study(study, storage, results_dir)
     path = write_report(study_obj, results_dir, read_best(results_dir, study))
     console.print(f"report: {path} ({len(study_obj.get_trials(deepcopy=False))} trials)", highlight=False)

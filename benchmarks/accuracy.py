@@ -17,7 +17,7 @@ from models.budget import count_params  # noqa: E402
 from models.build import build  # noqa: E402
 from models.presets import PRESETS  # noqa: E402
 from search.data import load_mnist  # noqa: E402
-from search.train import TrainConfig, fit  # noqa: E402
+from search.engine import TrainConfig, fit  # noqa: E402
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--shards", type=int, default=None,
-                        help="CPU batch shards (search/whole_step.py); default: the engine's choice")
+                        help="CPU batch shards (search/engine/whole_step.py); default: the engine's choice")
     args = parser.parse_args()
     mnist = load_mnist(args.data_dir)
     for name in args.presets.split(","):

@@ -4,10 +4,10 @@
 
 (a) the usual loop: torchvision's MNIST dataset, a DataLoader, RandomRotation(+-7 deg), ToTensor, Normalize,
     batch 32, SGD with Nesterov momentum, float32, torch's own nn.Dropout; in a fresh process of its own, so that it
-    runs with malloc as it comes (the engine tunes it: search/train.py, tune_cpu_allocator);
+    runs with malloc as it comes (the engine tunes it: search/engine/runtime.py, tune_cpu_allocator);
 (b) the engine: the whole training split as a tensor on the device, batches by index, batched random affine
-    augmentation, its default batch size and precision (search/train.py), budgetnas's Dropout (models/build.py),
-    on a CPU each batch split across the threads (search/whole_step.py).
+    augmentation, its default batch size and precision (search/engine/), budgetnas's Dropout (models/build.py),
+    on a CPU each batch split across the threads (search/engine/whole_step.py).
 Prints images per second (median of the repeats, interleaved), the ratio (b)/(a), and the engine's achieved GFLOP/s
 (3 x 2 x forward MACs per image: forward plus a backward of about twice its cost) next to this machine's measured
 matmul peak in the engine's precision. On a CPU with native bfloat16 also the engine in float32; with --ablate also
@@ -31,8 +31,9 @@ from models.budget import analyze  # noqa: E402
 from models.build import build  # noqa: E402
 from models.presets import PRESETS  # noqa: E402
 from search.data import MEAN, STD, load_mnist, resolve_root  # noqa: E402
-from search.train import TrainConfig, fit, resolve_device, use_bf16  # noqa: E402
-from search.whole_step import cpu_shards  # noqa: E402
+from search.engine import TrainConfig, fit, resolve_device  # noqa: E402
+from search.engine.runtime import use_bf16  # noqa: E402
+from search.engine.whole_step import cpu_shards  # noqa: E402
 
 
 def with_torch_dropout(model: nn.Sequential) -> nn.Sequential:
@@ -158,7 +159,7 @@ def main() -> None:
         if eng_unsharded:
             line += f"; engine unsharded {statistics.median(eng_unsharded):,.0f} img/s"
         elif args.ablate and device.type == "cpu":
-            line += "; not sharded by default (search/whole_step.py, cpu_shards)"
+            line += "; not sharded by default (search/engine/whole_step.py, cpu_shards)"
         if args.compile:
             comp = engine(spec, mnist, args.images, device, compile_model=True)
             gain = 1 / eng_ips - 1 / comp[0]  # seconds saved per image

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
 
+from models.rules import RULES
 from models.spec import NetSpec
-
-MAX_PARAMS = 20_000  # the rule is "fewer than 20,000 parameters"
 
 
 @dataclass(frozen=True)
@@ -37,9 +35,6 @@ class Analysis:
     n_params: int
     receptive_field: int | None  # of the last spatial layer before global pooling, pixels
     macs: int  # per image
-
-    def table(self) -> list[dict[str, Any]]:
-        return [row.__dict__ for row in self.layers]
 
 
 @dataclass(frozen=True)
@@ -88,17 +83,13 @@ def count_params(spec: NetSpec) -> int:
     return analyze(spec).n_params
 
 
-def receptive_field(spec: NetSpec) -> int:
-    return analyze(spec).receptive_field
-
-
 def _budget_reason(n_params: int, max_params: int) -> str | None:
     if n_params >= max_params:
         return f"{n_params:,} parameters, at or over the {max_params:,} budget (the rule is fewer than {max_params:,})"
     return None
 
 
-def check(spec: NetSpec, max_params: int = MAX_PARAMS) -> Verdict:
+def check(spec: NetSpec, max_params: int = RULES.max_params) -> Verdict:
     """Judge a spec before anything is built: specs cannot hold a Linear layer, so only the budget can fail."""
     analysis = analyze(spec)
     reason = _budget_reason(analysis.n_params, max_params)
@@ -207,7 +198,7 @@ def module_table(module, input_shape=(1, 1, 28, 28)) -> tuple[list[LayerRow], tu
     return rows, tuple(out.shape) if isinstance(out, torch.Tensor) else ()
 
 
-def check_module(module, input_shape=(1, 1, 28, 28), max_params: int = MAX_PARAMS,
+def check_module(module, input_shape=(1, 1, 28, 28), max_params: int = RULES.max_params,
                  num_classes: int | None = 10) -> Verdict:
     """Judge any nn.Module: budget, Linear-family submodules, functional FC ops in forward, output shape."""
     import torch

@@ -11,12 +11,11 @@ from models.spec import ConvBlock, NetSpec
 class Dropout(nn.Dropout):
     """Element-wise dropout; on the CPU its mask takes 16 random bits per element, four from each 64-bit draw.
 
-    nn.Dropout's CPU mask (`bernoulli_`) draws one random number per element: on the 2-core CPU it took 27% of a
-    baseline training step (6.8 ms of 24.7 ms at batch 64, torch.profiler). In the engine baseline trains 4,054
-    img/s with this one and 3,083 with nn.Dropout (bfloat16, medians of 3; `benchmarks/train_throughput.py
-    --ablate`). The drop probability is quantised to 1/65,536. On CUDA, in eval mode and in the cases below it is nn.Dropout itself; the state dict
-    is the same. `generator`: the CPU mask's random source (torch's default when None; the sharded CPU step gives
-    each shard its own, so that threads draw in a fixed order).
+    nn.Dropout's CPU mask (`bernoulli_`) draws one random number per element, a large share of a small net's CPU
+    step (docs/engine.md; `benchmarks/train_throughput.py --ablate` measures it). The drop probability is quantised
+    to 1/65,536. On CUDA, in eval mode and in the cases below it is nn.Dropout itself; the state dict is the same.
+    `generator`: the CPU mask's random source (torch's default when None; the sharded CPU step gives each shard its
+    own, so that threads draw in a fixed order).
     """
 
     generator: torch.Generator | None = None
@@ -31,7 +30,6 @@ class Dropout(nn.Dropout):
         uniform16 = bits.view(torch.int16)[:n].as_strided(x.shape, x.stride())  # laid out like x
         keep = uniform16 >= round(self.p * 65536) - 32768  # P(drop) = p, to 1/65,536
         # bool -> bfloat16 is a slow cast on the CPU; the mask's bytes read as uint8 multiply straight into x's dtype
-        # (dropout of a 32x16x24x24 bfloat16 batch, forward and backward, one thread: 0.77 ms against 1.0)
         return x * keep.view(torch.uint8) * (1 / (1 - self.p))
 
 

@@ -19,15 +19,15 @@ import plotly.graph_objects as go
 from optuna.trial import TrialState
 
 from models.budget import analyze
-from models.spec import NetSpec
+from models.rules import RULES
 from search.fsio import atomic_write_text
-from search.study import feasible_completed, outcome_counts, trial_frame
+from search.record import Outcome, TRAINED, candidates, outcome_counts, trial_frame
 
 
 @dataclass
 class ReportData:
     study_name: str
-    frame: pd.DataFrame  # one row per trial (search.study.trial_frame)
+    frame: pd.DataFrame  # one row per trial (search.record.trial_frame)
     counts: dict[str, int]  # outcome -> trials
     n_trained: int
     best: dict | None  # number, val_acc, n_params of the best feasible completed trial
@@ -36,8 +36,8 @@ class ReportData:
     winner_layers: list[dict] = field(default_factory=list)  # the best trial's layer table
     winner_spec: dict | None = None
     certification: dict | None = None  # best.json, when `best` has run
-    max_params: int = 20_000
-    target: float = 0.994
+    max_params: int = RULES.max_params
+    target: float = RULES.target_accuracy
     objective: str = "accuracy"
 
 
@@ -55,23 +55,22 @@ def collect(study: optuna.Study, certification: dict | None = None) -> ReportDat
     frame = trial_frame(study)
     counts = outcome_counts(study)
     setup = study.user_attrs.get("setup", {})
-    done = feasible_completed(study)
+    done = candidates(study)
     best = None
     winner_layers: list[dict] = []
     winner_spec = None
     if done:
-        top = max(done, key=lambda t: (t.values[0], -t.user_attrs["n_params"]))
-        best = {"number": top.number, "val_acc": top.values[0], "n_params": top.user_attrs["n_params"],
-                "receptive_field": top.user_attrs.get("receptive_field")}
-        spec = NetSpec.from_json(top.user_attrs["spec"])
-        winner_spec = json.loads(spec.to_json())
-        winner_layers = [dict(row.__dict__) for row in analyze(spec).layers]
-    points = [(t.number, t.values[0], t.user_attrs["n_params"]) for t in done]
-    n_trained = sum(counts.get(k, 0) for k in ("completed", "pruned", "failed", "training"))
+        top = max(done, key=lambda r: r.rank())
+        best = {"number": top.number, "val_acc": top.values[0], "n_params": top.n_params,
+                "receptive_field": top.receptive_field}
+        winner_spec = json.loads(top.spec.to_json())
+        winner_layers = [dict(row.__dict__) for row in analyze(top.spec).layers]
+    points = [(r.number, r.values[0], r.n_params) for r in done]
+    n_trained = sum(counts.get(k.value, 0) for k in TRAINED)
     time_spent = float(frame["wall_s"].fillna(0).sum()) if "wall_s" in frame else 0.0
     return ReportData(study.study_name, frame, counts, n_trained, best, pareto_front(points), time_spent,
-                      winner_layers, winner_spec, certification, setup.get("max_params", 20_000), 0.994,
-                      setup.get("objective", "accuracy"))
+                      winner_layers, winner_spec, certification, setup.get("max_params", RULES.max_params),
+                      RULES.target_accuracy, setup.get("objective", "accuracy"))
 
 
 # ---- figures ----------------------------------------------------------------------------------
@@ -79,17 +78,17 @@ def collect(study: optuna.Study, certification: dict | None = None) -> ReportDat
 def fig_params_vs_accuracy(data: ReportData) -> go.Figure:
     f = data.frame
     fig = go.Figure()
-    trained = f[f["outcome"].isin(["completed", "pruned", "failed"]) & f["val_acc"].notna()]
-    for outcome, symbol in (("completed", "circle"), ("pruned", "x")):
+    trained = f[f["outcome"].isin([Outcome.COMPLETED, Outcome.PRUNED, Outcome.FAILED]) & f["val_acc"].notna()]
+    for outcome, symbol in ((Outcome.COMPLETED, "circle"), (Outcome.PRUNED, "x")):
         part = trained[trained["outcome"] == outcome]
-        fig.add_trace(go.Scatter(x=part["n_params"], y=part["val_acc"] * 100, mode="markers", name=outcome,
+        fig.add_trace(go.Scatter(x=part["n_params"], y=part["val_acc"] * 100, mode="markers", name=outcome.value,
                                  marker={"symbol": symbol, "size": 9}, text=part["number"].map(lambda n: f"trial {n}"),
                                  hovertemplate="%{text}<br>%{x:,} params<br>%{y:.2f}%<extra></extra>"))
     front = f[f["number"].isin(data.pareto)].sort_values("n_params")
     if len(front):
         fig.add_trace(go.Scatter(x=front["n_params"], y=front["val_acc"] * 100, mode="lines+markers",
                                  name="Pareto front", line={"dash": "dot"}, marker={"size": 12, "symbol": "star"}))
-    rejected = f[f["outcome"] == "rejected"]
+    rejected = f[f["outcome"] == Outcome.REJECTED]
     if len(rejected):
         y_floor = (trained["val_acc"].min() * 100 - 0.5) if len(trained) else 90
         fig.add_trace(go.Scatter(x=rejected["n_params"], y=[y_floor] * len(rejected), mode="markers",
@@ -233,7 +232,7 @@ def _table(rows: list[dict], columns: list[str], sortable: bool = False, table_i
     return f"<table{cls}{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def render(data: ReportData, study: optuna.Study) -> str:
+def render(data: ReportData, study: optuna.Study) -> str:  # long: the page's sections, in the order they appear
     parts: list[str] = []
     plotly_included = False
 

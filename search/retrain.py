@@ -16,17 +16,17 @@ from pathlib import Path
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial
 
 from models.budget import analyze, check, check_module
 from models.build import build
+from models.rules import RULES
 from models.spec import NetSpec, SpecError
 from search.data import load_mnist
+from search.engine import TrainConfig, fit, resolve_device, to_device
 from search.fsio import atomic_write, atomic_write_text
-from search.study import SearchError, feasible_completed, provenance
-from search.train import MAX_EPOCHS, TrainConfig, fit, resolve_device, to_device
+from search.record import Outcome, TrialRecord, candidates, records, smallest_reaching
+from search.storage import SearchError, provenance
 
-TARGET = 0.994  # the exercise's test accuracy, final epoch, mean over seeds
 CHECKPOINT_FORMAT = "budgetnas-checkpoint-1"
 
 
@@ -34,32 +34,32 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is not ours, is damaged, or holds objects that weights_only loading refuses."""
 
 
-def pick_winner(study: optuna.Study, trial_number: int | None = None, target: float | None = None) -> FrozenTrial:
+def pick_winner(study: optuna.Study, trial_number: int | None = None, target: float | None = None) -> TrialRecord:
     """The trial to certify: `--trial N`; in pareto studies with a target, the smallest net that reached it;
     otherwise the feasible completed trial with the highest validation accuracy (fewer parameters break ties)."""
     if trial_number is not None:
-        matches = [t for t in study.get_trials(deepcopy=False) if t.number == trial_number]
+        matches = [r for r in records(study) if r.number == trial_number]
         if not matches:
             raise SearchError(f"--trial {trial_number}: study {study.study_name!r} has trials 0 to "
                               f"{len(study.get_trials(deepcopy=False)) - 1}")
-        trial = matches[0]
-        if "spec" not in trial.user_attrs or trial.user_attrs.get("outcome") in ("rejected",):
-            raise SearchError(f"--trial {trial_number}: that trial was {trial.user_attrs.get('outcome', 'never built')} "
-                              f"({trial.user_attrs.get('reason', 'no spec stored')}); pick a trained one")
-        return trial
-    done = feasible_completed(study)
+        chosen = matches[0]
+        if not chosen.has_spec or chosen.stored_outcome == Outcome.REJECTED:
+            raise SearchError(f"--trial {trial_number}: that trial was {chosen.attrs.get('outcome', 'never built')} "
+                              f"({chosen.attrs.get('reason', 'no spec stored')}); pick a trained one")
+        return chosen
+    done = candidates(study)
     if not done:
         counts = len(study.get_trials(deepcopy=False))
         raise SearchError(f"study {study.study_name!r} has no completed trial within the budget yet "
                           f"({counts} trials stored); run search until one completes")
     if target is not None:
-        reached = [t for t in done if t.values[0] >= target]
-        if not reached:
-            top = max(t.values[0] for t in done)
+        smallest = smallest_reaching(done, target)
+        if smallest is None:
+            top = max(r.values[0] for r in done)
             raise SearchError(f"no completed trial reached {target:.2%} validation accuracy (the best has {top:.2%}); "
                               "lower --target or search longer")
-        return min(reached, key=lambda t: (t.user_attrs["n_params"], -t.values[0]))
-    return max(done, key=lambda t: (t.values[0], -t.user_attrs["n_params"]))
+        return smallest
+    return max(done, key=TrialRecord.rank)
 
 
 def save_checkpoint(path: Path, module: torch.nn.Module, spec: NetSpec, cfg: TrainConfig, test_acc: float) -> Path:
@@ -95,11 +95,10 @@ def _first_epoch_reaching(curve: list[dict], target: float) -> int | None:
     return next((e["epoch"] for e in curve if e["test_acc"] >= target), None)
 
 
-def certify(study: optuna.Study, trial: FrozenTrial, *, seeds: int = 3, data_dir: str | None = None,
-            device: str = "auto", results_dir: str = "results", target: float = TARGET, max_params: int = 20_000,
-            log=print, progress: bool | None = None) -> dict:
-    spec = NetSpec.from_json(trial.user_attrs["spec"])
-    cfg = TrainConfig.from_dict(trial.user_attrs["config"])
+def certify(study: optuna.Study, trial: TrialRecord, *, seeds: int = 3, data_dir: str | None = None,
+            device: str = "auto", results_dir: str = "results", target: float = RULES.target_accuracy,
+            max_params: int = RULES.max_params, log=print, progress: bool | None = None) -> dict:
+    spec, cfg = trial.spec, trial.config
     out_dir = Path(results_dir) / study.study_name
     verdict = check(spec, max_params)
     module_verdict = check_module(build(spec), max_params=max_params)
@@ -128,13 +127,12 @@ def certify(study: optuna.Study, trial: FrozenTrial, *, seeds: int = 3, data_dir
     std = statistics.stdev(finals) if len(finals) > 1 else 0.0
     linear_free = not any("Linear" in r or "fully connected" in r for r in module_verdict.reasons)
     rules = [
-        {"rule": f"fewer than {max_params:,} parameters", "figure": f"{module_verdict.n_params:,}",
+        {"rule": RULES.params_rule(max_params), "figure": f"{module_verdict.n_params:,}",
          "pass": verdict.ok and module_verdict.n_params < max_params},
         {"rule": "no Linear layer", "figure": "none found" if linear_free else "; ".join(module_verdict.reasons),
          "pass": linear_free},
-        {"rule": f"at most {MAX_EPOCHS} epochs", "figure": str(cfg.epochs), "pass": cfg.epochs <= MAX_EPOCHS},
-        {"rule": f"final-epoch test accuracy at least {target:.2%} (mean of {seeds} seed{'s' if seeds > 1 else ''})",
-         "figure": f"{mean:.2%} +- {std:.2%}", "pass": mean >= target},
+        {"rule": RULES.epochs_rule(), "figure": str(cfg.epochs), "pass": cfg.epochs <= RULES.max_epochs},
+        {"rule": RULES.accuracy_rule(seeds, target), "figure": f"{mean:.2%} +- {std:.2%}", "pass": mean >= target},
     ]
     result = {
         "study": study.study_name, "trial": trial.number, "spec": json.loads(spec.to_json()),

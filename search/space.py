@@ -14,11 +14,11 @@ from __future__ import annotations
 import optuna
 
 from models.spec import Conv, ConvBlock, Head, NetSpec, Transition
-from search.train import TrainConfig
+from search.engine.config import TrainConfig
 
 MAX_BLOCKS = 3
-# Channels per conv, in steps of 8: on the 2-core CPU a net of widths 16/16/8/16/16 (1.71 M MACs) trained 4,300 img/s
-# and one of 10/20/10/20/20 (1.54 M MACs) 2,800 img/s; vector units and tensor cores both work in multiples of 8.
+# Channels per conv, in steps of 8: on the CPU odd widths trained far slower for fewer MACs (docs/search.md), and
+# vector units and tensor cores both work in multiples of 8.
 # With 3 blocks of 3 convs this reaches far past 20k, with 1 block of 1 conv about 150 parameters.
 CHANNELS = (8, 40, 8)
 LR = {"sgd": (0.01, 0.4), "adamw": (5e-4, 2e-2)}  # peak learning rate ranges, log-uniform

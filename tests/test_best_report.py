@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 from cli import app
 from search.report import collect, pareto_front, write_report
 from search.retrain import CheckpointError, load_checkpoint
-from search.study import SearchOptions, run_search
-from search.train import evaluate, to_device
+from search.engine import evaluate, to_device
+from search.options import SearchOptions
+from search.study import run_search
 
 runner = CliRunner()
 

@@ -13,7 +13,10 @@ from typer.testing import CliRunner
 
 from cli import app
 from search.retrain import pick_winner
-from search.study import FAULT_ENV, SearchError, SearchOptions, count_trained, load_existing_study, run_search
+from search.record import count_trained
+from search.storage import SearchError, load_existing_study
+from search.options import SearchOptions
+from search.study import run_search
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -32,10 +35,10 @@ def opts(tmp_path, data_root, **over):
     ("nan", "loss became NaN or infinite in epoch 1"),
     ("oom", "out of memory: OutOfMemoryError: CUDA out of memory"),
 ])
-def test_a_faulty_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path, data_root, monkeypatch, fault, reason):
-    monkeypatch.setenv(FAULT_ENV, f"{fault}@0")  # trial 0 is the first preset, the best-scoring candidate
-    # No pruner: whether a healthy trial completes then does not hang on how its one epoch compares.
-    result = run_search(opts(tmp_path, data_root, pruner="none"), log=lambda line: None)
+def test_a_faulty_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path, data_root, fault, reason):
+    # Trial 0 is the first preset, the best-scoring candidate. No pruner: whether a healthy trial completes then
+    # does not hang on how its one epoch compares.
+    result = run_search(opts(tmp_path, data_root, pruner="none", faults={0: fault}), log=lambda line: None)
     trials = result.study.get_trials()
     assert trials[0].state == TrialState.FAIL
     assert trials[0].user_attrs["outcome"] == "failed"

@@ -11,8 +11,11 @@ from pathlib import Path
 import pandas as pd
 from optuna.trial import TrialState
 
-from search.study import SearchOptions, count_trained, load_existing_study, run_search
-from search.whole_step import cpu_shards
+from search.engine.whole_step import cpu_shards
+from search.record import TrialRecord, count_trained
+from search.storage import load_existing_study
+from search.options import SearchOptions
+from search.study import run_search
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +52,7 @@ def test_search_stores_trials_rejects_over_budget_and_resumes(tmp_path, data_roo
 
     csv = pd.read_csv(tmp_path / "s" / "trials.csv")
     assert list(csv["number"]) == [t.number for t in trials]
-    assert list(csv["outcome"]) == [t.user_attrs.get("outcome") for t in trials]
+    assert list(csv["outcome"]) == [TrialRecord(t).outcome.value for t in trials]
     assert list(csv["n_params"]) == [t.user_attrs.get("n_params") for t in trials]
 
     # The same options again: the study already has 4 trained trials, nothing more is trained.
@@ -130,7 +133,7 @@ def test_pareto_search_stores_accuracy_and_parameters(tmp_path, data_root):
     done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
     assert len(done) == 2 and all(t.values[1] == t.user_attrs["n_params"] for t in done)
     smallest = pick_winner(study, target=0.0)
-    assert smallest.user_attrs["n_params"] == min(t.user_attrs["n_params"] for t in done)
+    assert smallest.n_params == min(t.user_attrs["n_params"] for t in done)
 
 
 def test_repeated_duplicates_stop_the_search_like_rejections(tmp_path, data_root):
@@ -169,7 +172,7 @@ def _reported(number: int, n_params: int, curve: list[float]):
 
 
 def test_pareto_pruning_judges_a_trial_against_nets_no_larger():
-    from search.study import pareto_should_prune, rungs
+    from search.pruning import pareto_should_prune, rungs
 
     assert rungs(20) == [1, 3, 9] and rungs(3) == [1] and rungs(1) == []
     others = [_reported(0, 19_674, [0.97]), _reported(1, 5_000, [0.95]), _reported(2, 4_000, [0.94]),

@@ -9,7 +9,7 @@ from models.budget import count_params
 from models.presets import PRESETS
 from models.spec import SpecError
 from search.space import encode, suggest
-from search.train import TrainConfig
+from search.engine import TrainConfig
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -11,8 +11,10 @@ from models.budget import analyze
 from models.build import build
 from models.presets import PRESETS
 from models.spec import Conv, ConvBlock, Head, NetSpec, Transition
-from search.train import MAX_EPOCHS, TrainConfig, augment_batch, cpu_has_native_bf16, fit, to_device, use_bf16
-from search.whole_step import WholeStep, cpu_shards
+from models.rules import RULES
+from search.engine import TrainConfig, augment_batch, fit, to_device
+from search.engine.runtime import cpu_has_native_bf16, use_bf16
+from search.engine.whole_step import WholeStep, cpu_shards
 
 
 def metrics(history):
@@ -52,7 +54,7 @@ def test_on_epoch_can_stop_training(mnist):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("epochs", 21, f"epochs=21: must be from 1 to {MAX_EPOCHS} (the exercise allows at most 20 epochs)"),
+    ("epochs", 21, f"epochs=21: must be from 1 to {RULES.max_epochs} (the exercise allows at most 20 epochs)"),
     ("epochs", 0, "epochs=0"),
     ("batch_size", 1, "batch_size=1"),
     ("optimizer", "lbfgs", "optimizer='lbfgs'"),

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from search.study import count_trained, load_existing_study, trial_frame
+from search.record import count_trained, trial_frame
+from search.storage import load_existing_study
 
 ROOT = Path(__file__).resolve().parent.parent
 PG = os.environ.get("BUDGETNAS_TEST_POSTGRES")
@@ -22,12 +23,12 @@ pytestmark = [pytest.mark.postgres,
               pytest.mark.skipif(not PG, reason="BUDGETNAS_TEST_POSTGRES is not set (.ci/run sets it)")]
 
 
-def worker(study, n, tmp_path, data_root, *extra, env=None):
+def worker(study, n, tmp_path, data_root, *extra):
     args = [sys.executable, str(ROOT / "cli.py"), "search", "--storage", PG, "--study", study, "--trials", str(n),
             "--epochs", "1", "--subset", "500", "--data-dir", str(data_root), "--results-dir", str(tmp_path),
             "--device", "cpu", "--threads", "1", *extra]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def test_three_workers_train_exactly_n_trials_once_each(tmp_path, data_root):
@@ -54,9 +55,9 @@ def test_three_workers_train_exactly_n_trials_once_each(tmp_path, data_root):
 
 def test_killed_worker_trial_is_failed_and_retried(tmp_path, data_root):
     study_name = f"k-{uuid.uuid4().hex[:8]}"
-    env = {"BUDGETNAS_HEARTBEAT": "1,4"}  # heartbeat every second; stale after 4 s of silence
+    beat = ("--heartbeat", "1,4")  # heartbeat every second; stale after 4 s of silence
     # The first worker plays one on another machine: only its silent heartbeat can tell that it died.
-    first = worker(study_name, 2, tmp_path, data_root, "--epochs", "3", env={**env, "BUDGETNAS_WORKER": "elsewhere:1"})
+    first = worker(study_name, 2, tmp_path, data_root, "--epochs", "3", *beat, "--worker-id", "elsewhere:1")
     for line in first.stdout:
         if line.startswith("trial 0: training"):
             time.sleep(1.5)
@@ -70,7 +71,7 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, data_root):
 
     # The retry is queued behind the four presets still waiting (small, tiny, compact, threeblock): five trained
     # trials reach it.
-    second = worker(study_name, 5, tmp_path, data_root, "--epochs", "3", env=env)
+    second = worker(study_name, 5, tmp_path, data_root, "--epochs", "3", *beat)
     out = second.communicate(timeout=600)[0]
     assert second.returncode == 0, out
     study = load_existing_study(study_name, PG)

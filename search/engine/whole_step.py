@@ -5,7 +5,7 @@ matrices, a step counter, and the learning rate and momentum of every step of th
 torch's own schedulers). Gather, augmentation, forward, loss, backward, the Nesterov SGD update and the epoch's loss
 and accuracy sums are then all device work, and a step costs one graph launch instead of a kernel launch per
 operation and the Python between them: a 20k-parameter net on a GPU is bound by those launches, not by arithmetic
-(on an H200 the baseline's epoch took 4.28 s eagerly and 0.39 s as one graph per step).
+(docs/engine.md has the figures).
 
 Without capture (on the CPU) the same step runs eagerly, a little faster than torch's optimizer and scheduler
 (their Python per step is gone); tests/test_train.py holds it to the ordinary loop's weights.
@@ -13,9 +13,9 @@ Without capture (on the CPU) the same step runs eagerly, a little faster than to
 On a CPU with several threads the step of a small net splits its batch into shards of at least 32 images, one per
 thread (`cpu_shards`): each shard gathers, augments, runs forward and backward on its own single-threaded worker and
 a replica of the model that shares its parameters; the gradients are summed in a fixed order and one SGD update
-follows. Small convolutions gain little from torch's intra-op threads: on the 2-core CPU one thread trained
-`compact` at ~4,400 img/s and two at ~6,500, while two independent single-threaded trainings ran ~4,450 each (a
-baseline-sized net, whose convolutions keep both threads busy, gains nothing and is not sharded). BatchNorm then
+follows. Small convolutions gain little from torch's intra-op threads, while independent single-threaded workers
+each run at full speed (a baseline-sized net, whose convolutions keep both threads busy, gains nothing and is not
+sharded; docs/engine.md has the figures). BatchNorm then
 normalises each shard by its own statistics ("ghost batch" normalisation, as on several GPUs without SyncBatchNorm);
 its running statistics are averaged across shards before every evaluation, so evaluation sees one set.
 """
@@ -29,7 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
-from search.train import CAPTURE_LOCK, batch_loss, make_optimizer, make_scheduler, quiet_stream_mismatch
+from search.engine.runtime import capture_guard
+from search.engine.steps import batch_loss, make_optimizer, make_scheduler
 
 
 def schedule(cfg, steps_per_epoch: int) -> tuple[list[float], list[float]]:
@@ -43,7 +44,7 @@ def schedule(cfg, steps_per_epoch: int) -> tuple[list[float], list[float]]:
     opt.step()  # no gradient, so a no-op; once, so that the scheduler does not warn of the call order
     group = opt.param_groups[0]
     lrs, moms = [], []
-    for _ in range(cfg.epochs * steps_per_epoch):  # 20 OneCycle epochs of 781 steps: 0.05 s (0.24 s with opt.step)
+    for _ in range(cfg.epochs * steps_per_epoch):  # the scheduler alone: no optimizer step per entry, 5x faster
         lrs.append(group["lr"])
         moms.append(group["momentum"])
         sched.step()
@@ -52,9 +53,8 @@ def schedule(cfg, steps_per_epoch: int) -> tuple[list[float], list[float]]:
 
 
 MIN_SHARD = 32  # images per shard: BatchNorm statistics over at least the hand-made answers' batch of 32
-# Forward multiply-accumulates per image below which a CPU step shards. Sharded against unsharded on the 2-core CPU
-# (bfloat16, batch 64, medians of 5 interleaved): small (1.54 M) 5,246 vs 4,240 img/s, tiny (1.00 M) 5,790 vs 5,216,
-# compact (1.08 M) 6,027 vs 5,656; baseline (3.88 M) 4,189 vs 4,519: its convolutions keep both threads busy anyway.
+# Forward multiply-accumulates per image below which a CPU step shards: above it (baseline, 3.9 M) the convolutions
+# keep every thread busy anyway and sharding measured slower (docs/engine.md).
 SHARD_MAX_MACS = 2_500_000
 
 
@@ -228,30 +228,22 @@ class WholeStep:
     def _capture(self) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream (cuDNN picks its kernels), capture one step, then put back what warm-up changed.
 
-        One capture at a time in the process; "thread_local" lets other trials' threads use the GPU meanwhile.
+        One capture at a time in the process (capture_guard, which also puts back what warm-up changed, also when the
+        capture fails and the trial goes on eagerly); "thread_local" lets other trials' threads use the GPU meanwhile.
         """
-        state = {k: v.clone() for k, v in self.model.state_dict().items()}
-        rng = torch.cuda.get_rng_state(self.x_train.device)
-        quiet_stream_mismatch()
-        try:
-            with CAPTURE_LOCK:
-                side = torch.cuda.Stream(self.x_train.device)
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(3):
-                        self._reset_step()
-                        self._step()
-                torch.cuda.current_stream().wait_stream(side)
-                self._reset_step()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with capture_guard(self.model, self.x_train.device, also_zero=(*self.bufs, self.global_step)):
+            side = torch.cuda.Stream(self.x_train.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._reset_step()
                     self._step()
-            return graph
-        finally:  # also when the capture fails and the trial goes on eagerly
-            self.model.load_state_dict(state)  # copies in place: the graph keeps pointing at the same tensors
-            for t in (*self.bufs, self.global_step):
-                t.zero_()
-            torch.cuda.set_rng_state(rng, self.x_train.device)
+            torch.cuda.current_stream().wait_stream(side)
+            self._reset_step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._step()
+        return graph
 
     def _reset_step(self) -> None:
         for p in self.params:

@@ -1,0 +1,68 @@
+"""What the CLI prints: rich tables of layers, trials and verdicts, and one line per finished trial."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from search.record import Outcome, TrialRecord, best, count_trained, leaderboard, outcome_counts
+
+console = Console(soft_wrap=True)  # log lines stay whole in files and CI logs
+
+
+def print_layer_table(analysis, title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for col, justify in (("layer", "left"), ("op", "left"), ("output", "right"), ("params", "right"),
+                         ("receptive field", "right"), ("MACs", "right")):
+        table.add_column(col, justify=justify)
+    for row in analysis.layers:
+        table.add_row(row.name, row.op, "x".join(map(str, row.out_shape)), f"{row.n_params:,}",
+                      "-" if row.receptive_field is None else f"{row.receptive_field}", f"{row.macs:,}")
+    table.add_section()
+    table.add_row("total", "", "", f"{analysis.n_params:,}",
+                  "-" if analysis.receptive_field is None else str(analysis.receptive_field), f"{analysis.macs:,}")
+    console.print(table)
+
+
+def print_trial_line(study_obj, trial, opts) -> None:
+    record = TrialRecord(trial)
+    if record.outcome == Outcome.REJECTED:
+        return  # already logged when it happened
+    counts = outcome_counts(study_obj)
+    figure = f"val {record.values[0]:.2%}" if record.values else record.reason
+    top = best(study_obj)
+    top_line = "-" if top is None else f"{top.values[0]:.2%} at {top.n_params:,} params (trial {top.number})"
+    seconds = f", {record.wall_s:.0f} s" if record.wall_s else ""
+    console.print(
+        f"trial {trial.number} {record.outcome}: {record.n_params or 0:,} params, {figure}{seconds} | "
+        f"{count_trained(study_obj)}/{opts.trials} trained, {counts.get('rejected', 0)} rejected, "
+        f"{counts.get('pruned', 0)} pruned | best {top_line}", highlight=False, markup=False)
+
+
+def print_leaderboard(result, opts) -> None:
+    done = leaderboard(result.study)
+    table = Table(title=f"study {opts.study}: {result.trained} trained, {result.counts.get('completed', 0)} completed, "
+                        f"{result.counts.get('pruned', 0)} pruned, {result.counts.get('rejected', 0)} rejected, "
+                        f"{result.counts.get('failed', 0)} failed; {result.wall_s:.0f} s this run",
+                  title_justify="left")
+    for col in ("trial", "val acc", "params", "RF", "epochs", "optimizer", "lr", "seconds"):
+        table.add_column(col, justify="right")
+    for r in done[:10]:
+        table.add_row(str(r.number), f"{r.values[0]:.2%}", f"{r.n_params:,}", str(r.receptive_field),
+                      str(r.epochs_trained), r.config.optimizer, f"{r.config.lr:.3g}", f"{r.wall_s or 0:.0f}")
+    console.print(table)
+    console.print(f"stored in {opts.storage_url}; trials table: {result.csv_path}")
+
+
+
+def print_verdict(result: dict, seeds: int) -> None:
+    """The certificate's rules, PASS or FAIL, and the final-epoch test accuracy of every seed."""
+    table = Table(title=f"trial {result['trial']} against the rules", title_justify="left")
+    for col in ("rule", "figure", "verdict"):
+        table.add_column(col)
+    for rule in result["rules"]:
+        table.add_row(rule["rule"], rule["figure"], "[green]PASS[/]" if rule["pass"] else "[red]FAIL[/]")
+    console.print(table)
+    per_seed = ", ".join(f"seed {r['seed']}: {r['final_test_acc']:.2%}" for r in result["seeds"])
+    console.print(f"final-epoch test accuracy {per_seed}; {result['seeds_reaching_target']} of {seeds} "
+                  f"seed{'s' if seeds > 1 else ''} reached {result['target']:.2%}", highlight=False)

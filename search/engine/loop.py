@@ -1,0 +1,217 @@
+"""`fit`: train a model on tensors already on the device, evaluate after every epoch, call back once per epoch.
+
+It knows nothing of Optuna. `on_epoch` gets each epoch's record and stops training by returning True (this is how
+pruning plugs in). A NaN or infinite loss ends training with status "nan" rather than an exception.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from search.data import Split
+from search.engine import runtime
+from search.engine.config import EpochRecord, History, TrainConfig, resolve_device
+from search.engine.steps import graph_model, make_optimizer, make_scheduler, random_affine, to_device, train_epoch
+from search.engine.whole_step import WholeStep, cpu_shards
+
+# Activations in channels_last everywhere: it was faster for the larger nets that dominate a search's time on the
+# CPU, and cuDNN's NHWC kernels are the fast path for bfloat16 convs on CUDA (docs/engine.md).
+CHANNELS_LAST = True
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000,
+             channels_last: bool = False, bf16: bool | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (fraction) in large batches, with the model in eval mode."""
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    model.eval()
+    loss_sum, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device, dtype=torch.long)
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with runtime.autocast(x.device, bf16):
+            logits = model(xb)
+        loss_sum += torch.nn.functional.cross_entropy(logits.float(), yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
+    return loss_sum.item() / len(y), correct.item() / len(y)
+
+
+def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConfig, *,
+        device: str | torch.device = "auto", on_epoch: Callable[[EpochRecord], bool | None] | None = None,
+        progress: bool | None = None, data_on_device: tuple | None = None, reset_weights: bool = True,
+        compile_model: bool = False, cuda_graphs: bool = True, precision: str = "auto",
+        whole_step: bool | None = None, shards: int | None = None) -> History:
+    """Train `model` on `train`, evaluating on `val` after every epoch; returns the History.
+
+    Outside the model it changes: torch's global seed (cfg.seed), and once per process `runtime.configure` (glibc's
+    malloc thresholds on a CPU, cuDNN's benchmark mode with CUDA graphs).
+    `reset_weights`: draw the model's initial weights from cfg.seed (every module's reset_parameters), so one seed
+    gives one run however the model was built; False trains the weights it has.
+    `data_on_device`: the (x_train, y_train, x_val, y_val) tensors from `to_device`, to share one copy across trials.
+    `progress`: a rich progress bar; by default only when stderr is a terminal.
+    `compile_model`: run the steps through torch.compile (its compile time lands in the first epoch's seconds).
+    `whole_step`: SGD steps through engine/whole_step.py (everything a step needs read from device tensors); by
+    default with SGD, unless compiling. Its batches are all full: the last partial batch of an epoch is dropped.
+    `shards`: on the CPU, the whole step splits each batch across this many single-threaded workers (BatchNorm
+    statistics per shard); by default `cpu_shards` decides; 1 trains the whole batch on torch's intra-op threads.
+    `cuda_graphs`: on CUDA, replay training as CUDA graphs: the whole step as one graph, or with AdamW the forward
+    and backward (the last partial batch dropped too).
+    `precision`: "auto" (bfloat16 autocast on CUDA and on CPUs with native bfloat16, else float32), "bf16", "fp32".
+    """
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    bf16 = runtime.use_bf16(device, precision)
+    torch.manual_seed(cfg.seed)
+    if reset_weights:
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    x_train, y_train, x_val, y_val = data_on_device or (*to_device(train, device), *to_device(val, device))
+    model = model.to(device)
+    if CHANNELS_LAST:
+        model = model.to(memory_format=torch.channels_last)
+    n = len(y_train)
+    graphs, whole_step = _step_path(cfg, device, n, cuda_graphs, compile_model, whole_step, shards)
+    runtime.configure(device, graphs)
+    full_batches = graphs or whole_step  # fixed shapes: the last partial batch is dropped
+    steps_per_epoch = n // cfg.batch_size if full_batches else n // cfg.batch_size + (n % cfg.batch_size > 1)
+    trainer = _Trainer(model, x_train, y_train, cfg, device, bf16, steps_per_epoch, graphs, whole_step, shards,
+                       compile_model)
+    history = History(device=str(device), n_params=sum(p.numel() for p in model.parameters()),
+                      precision="bf16" if bf16 else "fp32", shards=trainer.shards)
+    # Images per evaluation batch: on the CPU, 500 keeps a baseline's activations under the malloc threshold that
+    # runtime.tune_cpu_allocator sets (larger batches evaluated at half the speed).
+    eval_batch = 2000 if device.type == "cuda" else 500
+    bar = _Progress(cfg.epochs * steps_per_epoch) if (sys.stderr.isatty() if progress is None else progress) else None
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            start = time.perf_counter()
+            loss_sum, correct, seen = trainer.epoch(gen, (lambda: bar.advance(epoch)) if bar else None)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            train_seconds = time.perf_counter() - start
+            train_loss = loss_sum.item() / seen
+            if not math.isfinite(train_loss):
+                history.status = "nan"
+                return history
+            val_loss, val_acc = evaluate(trainer.step_model, x_val, y_val, eval_batch, CHANNELS_LAST, bf16)
+            record = EpochRecord(epoch, train_loss, correct.item() / seen, val_loss, val_acc, trainer.lr,
+                                 time.perf_counter() - start, seen / train_seconds)
+            history.epochs.append(record)
+            if bar:
+                bar.describe(record)
+            if on_epoch is not None and on_epoch(record):
+                history.status = "stopped"
+                return history
+        history.status = "completed"
+        return history
+    finally:
+        if bar:
+            bar.close()
+        trainer.close()
+
+
+def _step_path(cfg: TrainConfig, device: torch.device, n: int, cuda_graphs: bool, compile_model: bool,
+               whole_step: bool | None, shards: int | None) -> tuple[bool, bool]:
+    """(CUDA graphs, whole SGD step) for this run; refuses combinations that cannot work."""
+    graphs = cuda_graphs and device.type == "cuda" and not compile_model and n >= cfg.batch_size
+    if whole_step is None:
+        whole_step = cfg.optimizer == "sgd" and not compile_model and n >= cfg.batch_size
+    if shards not in (None, 1) and not whole_step:
+        raise ValueError(f"shards={shards}: batches are sharded by the whole SGD step only (optimizer="
+                         f"{cfg.optimizer!r}, whole_step={whole_step})")
+    if whole_step and n < cfg.batch_size:
+        raise ValueError(f"batch_size={cfg.batch_size}: more than the {n} training images (the whole step takes "
+                         "full batches only)")
+    return graphs, whole_step
+
+
+class _Trainer:
+    """One of the step paths fit can take: the whole SGD step (eager, sharded, or one CUDA graph), or torch's
+    optimizer with the model as it is, compiled, or captured as forward and backward graphs."""
+
+    def __init__(self, model, x_train, y_train, cfg: TrainConfig, device, bf16: bool, steps_per_epoch: int,
+                 graphs: bool, whole_step: bool, shards: int | None, compile_model: bool):
+        self.model, self.x_train, self.y_train, self.cfg, self.bf16 = model, x_train, y_train, cfg, bf16
+        self.steps_per_epoch = steps_per_epoch
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.step_model, self.stepper = model, None
+        try:
+            if whole_step:
+                if shards is None and device.type == "cpu":
+                    from models.budget import module_table
+
+                    macs = sum(row.macs for row in module_table(model, (1, *x_train.shape[1:]))[0])
+                    shards = cpu_shards(cfg.batch_size, macs)
+                self.stepper = WholeStep(model, x_train, y_train, cfg, self.criterion, CHANNELS_LAST, steps_per_epoch,
+                                         capture=graphs, bf16=bf16, shards=1 if shards is None else shards)
+            elif graphs:
+                example = x_train[:cfg.batch_size].contiguous(memory_format=torch.channels_last if CHANNELS_LAST
+                                                               else torch.contiguous_format)
+                self.step_model = graph_model(model, example, bf16)
+        except Exception as err:  # a model the capture cannot take still trains, eagerly
+            if device.type != "cuda":
+                raise
+            warnings.warn(f"CUDA graph capture failed, training eagerly: {type(err).__name__}: {err}", stacklevel=3)
+            self.step_model, self.stepper = model, None
+        if self.stepper is None:
+            self.step_model = torch.compile(model) if compile_model else self.step_model
+            self.opt = make_optimizer(model, cfg)
+            self.sched = make_scheduler(self.opt, cfg, steps_per_epoch)
+        self.shards = self.stepper.shards if self.stepper is not None else 1
+
+    def epoch(self, gen: torch.Generator, advance) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One epoch: its shuffled order and augmentation drawn from `gen`; the summed loss, correct, images seen."""
+        self.model.train()
+        n, cfg = len(self.y_train), self.cfg
+        order = torch.randperm(n, device=self.x_train.device, generator=gen)
+        thetas = random_affine(n, cfg.augment, gen) if cfg.augment > 0 else None
+        if self.stepper is None:
+            return train_epoch(self.step_model, self.opt, self.sched, self.criterion, self.x_train, self.y_train,
+                               order, thetas, cfg.batch_size, self.steps_per_epoch, CHANNELS_LAST, self.bf16, advance)
+        self.stepper.start_epoch(order, thetas)
+        for _ in range(self.steps_per_epoch):
+            self.stepper.step()
+            if advance:
+                advance()
+        loss_sum, correct = self.stepper.sums()
+        self.stepper.sync()
+        return loss_sum, correct, self.steps_per_epoch * cfg.batch_size
+
+    @property
+    def lr(self) -> float:
+        return self.stepper.lr if self.stepper is not None else self.opt.param_groups[0]["lr"]
+
+    def close(self) -> None:
+        if self.stepper is not None:
+            self.stepper.close()
+
+
+class _Progress:
+    """A rich progress bar over all steps of a fit, with the latest epoch's figures."""
+
+    def __init__(self, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=True)
+        self._task = self._progress.add_task("train", total=total, epoch=1, info="")
+        self._progress.start()
+
+    def advance(self, epoch: int) -> None:
+        self._progress.update(self._task, advance=1, epoch=epoch)
+
+    def describe(self, r: EpochRecord) -> None:
+        self._progress.update(self._task, info=f"val {r.val_acc:.2%}  loss {r.train_loss:.3f}  {r.images_per_s:,.0f} img/s")
+
+    def close(self) -> None:
+        self._progress.stop()

@@ -1,0 +1,106 @@
+"""Process-wide settings of the engine, each done in this one place: CPU threads, glibc's malloc thresholds,
+cuDNN's kernel search, bfloat16 autocast, and the lock and save-and-restore around a CUDA graph capture.
+
+Why each exists, with the measurements behind it, is in docs/engine.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import threading
+
+import torch
+from torch import nn
+
+from search.engine.config import PRECISIONS
+
+CAPTURE_LOCK = threading.Lock()  # one CUDA graph capture at a time in this process
+_allocator_tuned = False
+
+
+def configure(device: torch.device, graphs: bool) -> None:
+    """What a fit changes outside its model, once per process: malloc on a CPU, cuDNN's benchmark mode for graphs."""
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    if graphs:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+
+
+def set_cpu_threads(threads: int | None, jobs: int = 1) -> int:
+    """torch's intra-op threads for this process: `threads`, else cores / jobs. Parallel trials x threads must stay
+    within the cores, or they thrash."""
+    n = threads or max(1, (os.cpu_count() or 1) // jobs)
+    torch.set_num_threads(n)
+    return n
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 dot products in hardware (AVX512-BF16 or AMX), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """bfloat16 autocast: on CUDA always for "auto"; on the CPU only where the hardware computes it natively
+    (emulated bfloat16 is slower than float32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: must be one of {PRECISIONS}")
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+
+
+def autocast(device: torch.device, bf16: bool | None = None):
+    # bfloat16 needs no loss scaling. cache_enabled=False: CUDA-graphed modules require it (the cast weights must
+    # not outlive the capture).
+    enabled = use_bf16(device) if bf16 is None else bf16
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+
+
+def tune_cpu_allocator() -> None:
+    """Keep freed activation memory in the process instead of handing it back to the kernel (glibc malloc).
+
+    glibc serves blocks over its mmap threshold with fresh pages and trims freed memory back to the kernel, so the
+    engine paid a page fault per 4 KiB it touched again. Raising the mmap threshold to its 32 MiB maximum and the
+    trim threshold to 1 GiB keeps those blocks for reuse. BUDGETNAS_MALLOC=default leaves malloc as it is. Once per
+    process; a no-op away from glibc.
+    """
+    global _allocator_tuned
+    if _allocator_tuned or os.environ.get("BUDGETNAS_MALLOC") == "default":
+        return
+    _allocator_tuned = True
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, 1 << 30)
+
+
+@contextlib.contextmanager
+def capture_guard(model: nn.Module, device: torch.device, also_zero: tuple[torch.Tensor, ...] = ()):
+    """Around a CUDA graph capture: one capture at a time, and afterwards (also when it fails) the model's state,
+    the tensors in `also_zero` and the CUDA RNG put back as they were, since the warm-up passes update BatchNorm's
+    running statistics and draw dropout masks."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.cuda.get_rng_state(device)
+    quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+    if quiet is not None:  # captures warm up on a side stream, which torch >= 2.11 warns of at every backward
+        quiet(False)
+    try:
+        with CAPTURE_LOCK:
+            yield
+    finally:
+        model.load_state_dict(state)  # copies in place: a graph keeps pointing at the same tensors
+        for t in also_zero:
+            t.zero_()
+        torch.cuda.set_rng_state(rng, device)

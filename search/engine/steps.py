@@ -1,0 +1,112 @@
+"""The pieces of a training step: data on the device, augmentation of whole batches, optimizer and schedule,
+the loss of one batch, and the ordinary (torch optimizer) epoch used for AdamW and compiled models."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from search.data import MEAN, STD, Split
+from search.engine.config import TrainConfig
+from search.engine.runtime import autocast, capture_guard
+
+
+def to_device(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images -> normalised float32 (N, 1, 28, 28) on the device, once."""
+    x = split.images.to(device).float().div_(255).sub_(MEAN).div_(STD).unsqueeze(1)
+    return x, split.labels.to(device)
+
+
+def random_affine(n: int, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """n random affine matrices (n, 2, 3) for `affine_grid`: rotation, scale and translation, uniform in their ranges.
+
+    A whole epoch's matrices are drawn at once, so that a step launches only affine_grid and grid_sample for its
+    augmentation instead of some twenty small kernels.
+    """
+    r = torch.rand(n, 4, generator=generator, device=generator.device) * 2 - 1  # uniform in [-1, 1]
+    angle = r[:, 0] * math.radians(8.0 * strength)
+    scale = 1 + r[:, 1] * 0.08 * strength
+    shift = r[:, 2:] * (2.0 * strength / (28 / 2))  # +-2 px in grid units ([-1, 1] spans the 28-px image)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    return torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+
+
+def apply_affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Warp every image of the batch by its matrix with one grid_sample; the border is the digit's background."""
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    background = -MEAN / STD  # a normalised black pixel
+    return F.grid_sample(x - background, grid, align_corners=False, padding_mode="zeros") + background
+
+
+def augment_batch(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Random rotation, scale and translation of every image in the batch."""
+    return apply_affine(x, random_affine(x.shape[0], strength, generator).to(x.device))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim > 1]  # conv weights; BatchNorm and biases are not decayed
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.3)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[total // 2, total * 3 // 4], gamma=0.1)
+
+
+def batch_loss(model: nn.Module, criterion: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
+               idx: torch.Tensor, thetas: torch.Tensor | None, channels_last: bool, bf16: bool):
+    """Gather a batch by index, warp it by its affine matrices, run the model: (logits, loss, labels)."""
+    xb, yb = x_train[idx], y_train[idx]
+    if thetas is not None:
+        xb = apply_affine(xb, thetas)
+    if channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    with autocast(xb.device, bf16):
+        logits = model(xb)
+        loss = criterion(logits.float(), yb)
+    return logits, loss, yb
+
+
+def train_epoch(step_model, opt, sched, criterion, x_train, y_train, order, thetas, batch_size: int,
+                steps: int, channels_last: bool, bf16: bool, advance) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One epoch of ordinary steps; returns the summed loss, the number correct and the number of images seen."""
+    loss_sum = torch.zeros((), device=x_train.device)
+    correct = torch.zeros((), device=x_train.device, dtype=torch.long)
+    seen = 0
+    for step in range(steps):
+        batch = slice(step * batch_size, (step + 1) * batch_size)
+        logits, loss, yb = batch_loss(step_model, criterion, x_train, y_train, order[batch],
+                                      None if thetas is None else thetas[batch], channels_last, bf16)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_sum += loss.detach() * len(yb)
+        correct += (logits.detach().argmax(1) == yb).sum()
+        seen += len(yb)
+        if advance:
+            advance()
+    return loss_sum, correct, seen
+
+
+def graph_model(model: nn.Module, example: torch.Tensor, bf16: bool) -> nn.Module:
+    """The model's training forward and backward captured as CUDA graphs (torch.cuda.make_graphed_callables), for
+    steps that torch's optimizer takes (AdamW): two graph launches instead of one kernel launch per layer and op.
+    Evaluation (model.eval()) still runs the ordinary forward."""
+    extra = {}
+    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
+        extra["capture_error_mode"] = "thread_local"  # other trials' threads may use the GPU meanwhile
+    with capture_guard(model, example.device), autocast(example.device, bf16):
+        return torch.cuda.make_graphed_callables(model, (example,), **extra)

@@ -1,0 +1,284 @@
+"""One trial of the search, as a flat list of gates. Each gate takes the trial's candidate a step further and
+returns a `Refusal` or nothing; `_refuse` records a refusal, the only place an untrained outcome is written.
+
+    suggest           the space's choices -> (NetSpec, TrainConfig); an impossible layout is rejected
+    budget            parameters counted from the spec; over the budget -> rejected (or repaired with --repair)
+    receptive_field   under --min-rf pixels -> rejected
+    duplicate         same spec and config as a stored trial -> its result is reused
+    module            the built nn.Module checked again (defence in depth) -> rejected if it disagrees
+    claim             a training slot among the study's --trials, shared by every worker -> surplus or duplicate
+then `_train`, which trains with pruning and writes completed, pruned or failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from models.budget import analyze, check, check_module
+from models.build import build
+from models.spec import Conv, ConvBlock, NetSpec, SpecError, Transition
+from search import space
+from search.engine import TrainConfig, fit
+from search.options import SearchOptions
+from search.pruning import pareto_should_prune, rungs
+from search.record import Outcome, TrialWriter, count_trained, records
+from search.storage import claim_conflict
+
+
+class TrialFailed(Exception):
+    """Training blew up; the trial is marked FAIL with the reason and the study goes on."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    outcome: Outcome  # REJECTED, DUPLICATE or SURPLUS
+    reason: str
+    constraint: float | None = None  # the sampler's verdict on the trial, where this gate settles it
+    duplicate_of: int | None = None
+    value: float | tuple | None = None  # a duplicate of a completed trial returns that trial's values
+    untrained: bool = True  # counts towards --max-rejections (untrained candidates in a row)
+
+
+@dataclass
+class Candidate:
+    """What the gates learn about the trial's network as it passes them."""
+
+    spec: NetSpec | None = None
+    cfg: TrainConfig | None = None
+    module: torch.nn.Module | None = None
+    n_params: int = 0
+
+
+@dataclass
+class TrialContext:
+    opts: SearchOptions
+    data: tuple  # (x_train, y_train, x_val, y_val) on the device
+    device: torch.device
+    log: Callable[[str], None] = print
+    progress: bool | None = None
+    consecutive_untrained: int = 0
+    stop_reason: str | None = None
+    pareto_rungs: set[int] = field(default_factory=set)
+
+
+# ---- the gates ------------------------------------------------------------------------------------
+
+def gate_suggest(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | None:
+    try:
+        with warnings.catch_warnings():  # the enqueued presets may lie between the space's width steps
+            warnings.filterwarnings("ignore", message="Fixed parameter .* out of range", category=UserWarning)
+            c.spec, c.cfg = space.suggest(w.trial, epochs=ctx.opts.epochs, seed=ctx.opts.seed)
+    except SpecError as exc:
+        return Refusal(Outcome.REJECTED, f"invalid layout: {exc}", constraint=1)
+    return None
+
+
+def gate_budget(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | None:
+    max_params = ctx.opts.max_params
+    verdict = check(c.spec, max_params)
+    _record_spec(w, c.spec, c.cfg, max_params)
+    if verdict.ok:
+        return None
+    repaired = repair_spec(c.spec, max_params) if ctx.opts.repair else None
+    if repaired is None:
+        return Refusal(Outcome.REJECTED, verdict.reasons[0], constraint=w.get("constraint"))
+    w.set(repaired_from=c.spec.to_json(indent=None), repair_reason=verdict.reasons[0])
+    c.spec = repaired
+    _record_spec(w, c.spec, c.cfg, max_params)
+    return None
+
+
+def gate_receptive_field(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | None:
+    rf, min_rf = w.get("receptive_field"), ctx.opts.min_rf
+    if rf < min_rf:  # a head judging a digit from a fragment of it learns little (docs/search.md)
+        return Refusal(Outcome.REJECTED, f"receptive field {rf} px, under the {min_rf} px minimum (--min-rf): "
+                                         "the head would judge a digit from a fragment of it", constraint=min_rf - rf)
+    w.set_constraint(w.get("constraint"))  # past the last rejection by arithmetic: the budget's word stands
+    return None
+
+
+def gate_duplicate(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | None:
+    key = w.get("key")
+    for r in records(w.trial.study, (TrialState.COMPLETE, TrialState.PRUNED)):
+        if r.number != w.trial.number and r.key == key and r.stored_outcome in (Outcome.COMPLETED, Outcome.PRUNED):
+            value = None
+            if r.state == TrialState.COMPLETE:
+                value = tuple(r.values) if ctx.opts.objective == "pareto" else r.values[0]
+            return Refusal(Outcome.DUPLICATE, f"same spec and training config as trial {r.number}",
+                           duplicate_of=r.number, value=value)
+    return None
+
+
+def gate_module(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | None:
+    c.module = build(c.spec)
+    verdict = check_module(c.module, max_params=ctx.opts.max_params)
+    if not verdict.ok:  # the real module must agree with the spec's arithmetic
+        return Refusal(Outcome.REJECTED, "built module refused: " + "; ".join(verdict.reasons))
+    c.n_params = verdict.n_params
+    return None
+
+
+def gate_claim(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | None:
+    w.set(outcome=Outcome.TRAINING)
+    conflict = claim_conflict(w.trial.study, w.trial.number, w.get("key"), ctx.opts.trials)
+    if conflict is None:
+        ctx.consecutive_untrained = 0
+        return None
+    outcome, other = conflict
+    if outcome == Outcome.SURPLUS:
+        return Refusal(outcome, f"the study already has {ctx.opts.trials} trained trials", untrained=False)
+    return Refusal(outcome, f"same spec and training config as trial {other}, trained by another worker",
+                   duplicate_of=other)
+
+
+GATES = (gate_suggest, gate_budget, gate_receptive_field, gate_duplicate, gate_module, gate_claim)
+
+
+# ---- recording --------------------------------------------------------------------------------------
+
+def _record_spec(w: TrialWriter, spec: NetSpec, cfg: TrainConfig, max_params: int) -> None:
+    analysis = analyze(spec)
+    w.set(spec=spec.to_json(indent=None), config=cfg.to_dict(), n_params=analysis.n_params,
+          receptive_field=analysis.receptive_field, macs=analysis.macs, key=spec_key(spec, cfg),
+          constraint=float(analysis.n_params - max_params + 1))
+
+
+def _refuse(ctx: TrialContext, w: TrialWriter, refusal: Refusal):
+    """Record a refusal; return a reused value (a duplicate of a completed trial) or raise TrialPruned."""
+    if refusal.untrained:
+        _count_untrained(ctx, w.trial)
+    if refusal.constraint is not None:
+        w.set_constraint(refusal.constraint)
+    extra = {} if refusal.duplicate_of is None else {"duplicate_of": refusal.duplicate_of}
+    w.close(refusal.outcome, refusal.reason, **extra)
+    if refusal.outcome == Outcome.REJECTED:
+        ctx.log(f"trial {w.trial.number}: rejected, {refusal.reason}")
+    if refusal.value is not None:
+        return refusal.value
+    raise optuna.TrialPruned(refusal.reason)
+
+
+def _count_untrained(ctx: TrialContext, trial: optuna.Trial) -> None:
+    """Rejections and duplicates alike: too many in a row and the search stops instead of spinning."""
+    ctx.consecutive_untrained += 1
+    if ctx.consecutive_untrained >= ctx.opts.max_rejections:
+        ctx.stop_reason = (f"{ctx.consecutive_untrained} candidates in a row were rejected or repeated: the "
+                           f"space barely fits the {ctx.opts.max_params:,} budget; raise --max-params, use --repair, "
+                           "or change the sampler")
+        trial.study.stop()
+
+
+# ---- the objective ----------------------------------------------------------------------------------
+
+def make_objective(ctx: TrialContext) -> Callable[[optuna.Trial], float | tuple[float, float]]:
+    if ctx.opts.objective == "pareto" and ctx.opts.pruner != "none":
+        ctx.pareto_rungs = set(rungs(ctx.opts.epochs))
+
+    def objective(trial: optuna.Trial):
+        w = TrialWriter(trial)
+        try:
+            # A retried trial arrives with the user attributes of the one it retries: mark it as new.
+            w.set(outcome=Outcome.PENDING, worker=ctx.opts.worker)
+            retry_of = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+            if retry_of is not None:
+                w.set(retry_of=retry_of)
+            candidate = Candidate()
+            for gate in GATES:
+                refusal = gate(ctx, w, candidate)
+                if refusal is not None:
+                    return _refuse(ctx, w, refusal)
+            return _train(ctx, w, candidate)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM, wherever the trial was: close it as interrupted
+            w.close(Outcome.INTERRUPTED, "interrupted (Ctrl-C or SIGTERM)")
+            raise
+
+    return objective
+
+
+def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
+    trial, opts, cfg = w.trial, ctx.opts, c.cfg
+    pareto = opts.objective == "pareto"
+    ctx.log(f"trial {trial.number}: training {c.n_params:,} params, RF {w.get('receptive_field')} px, "
+            f"{cfg.optimizer} lr {cfg.lr:.3g} {cfg.schedule} bs {cfg.batch_size} "
+            f"[{count_trained(trial.study)}/{opts.trials} trained]")
+    fault = opts.faults.get(trial.number)  # a test's injected failure
+    if fault == "nan":
+        cfg = TrainConfig(**{**cfg.to_dict(), "lr": 1e6, "optimizer": "sgd"})
+    so_far: list[dict] = []
+
+    def on_epoch(record) -> bool:
+        if fault == "exception":
+            raise RuntimeError("injected fault (test hook)")
+        if fault == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test hook)")
+        so_far.append(asdict(record))
+        w.epochs(so_far)
+        if not pareto:
+            trial.report(record.val_acc, record.epoch)
+            return trial.should_prune()
+        if record.epoch not in ctx.pareto_rungs:
+            return False
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        return pareto_should_prune(trial.study.get_trials(deepcopy=False, states=states), trial.number,
+                                   c.n_params, record.epoch, record.val_acc)
+
+    start = time.perf_counter()
+    try:
+        history = fit(c.module, None, None, cfg, device=ctx.device, on_epoch=on_epoch, progress=ctx.progress,
+                      data_on_device=ctx.data)
+    except KeyboardInterrupt:
+        w.set(wall_s=time.perf_counter() - start)
+        raise
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if "out of memory" in str(exc).lower():
+            reason = "out of memory: " + reason
+        w.set_constraint(1)  # a failed trial is never the best
+        w.close(Outcome.FAILED, reason, wall_s=time.perf_counter() - start)
+        raise TrialFailed(reason) from exc
+    w.trained(history, time.perf_counter() - start)
+    if history.status == "nan":
+        w.set_constraint(1)
+        w.close(Outcome.FAILED, f"loss became NaN or infinite in epoch {len(history.epochs) + 1}")
+        raise TrialFailed(w.get("reason"))
+    if history.status == "stopped":
+        w.close(Outcome.PRUNED, f"pruned after epoch {len(history.epochs)} at {history.final_val_acc:.2%}")
+        raise optuna.TrialPruned(w.get("reason"))
+    w.close(Outcome.COMPLETED, None)
+    return (history.final_val_acc, float(c.n_params)) if pareto else history.final_val_acc
+
+
+# ---- helpers of the gates ---------------------------------------------------------------------------
+
+def spec_key(spec: NetSpec, cfg: TrainConfig) -> str:
+    blob = json.dumps({"spec": spec.to_dict(), "cfg": cfg.to_dict()}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def repair_spec(spec: NetSpec, max_params: int) -> NetSpec | None:
+    """Shrink every width by one factor until the network fits the budget; None if even width 1 does not."""
+    factor = math.sqrt(max_params / analyze(spec).n_params)  # parameters grow about with the square of the width
+    while factor > 0.01:
+        def scale(c: int) -> int:
+            return max(1, int(c * factor))
+
+        blocks = tuple(
+            ConvBlock(tuple(Conv(scale(c.out_channels), c.kernel, c.padding) for c in b.convs), b.batchnorm,
+                      b.dropout, b.pool) if isinstance(b, ConvBlock) else Transition(scale(b.out_channels),
+                                                                                     b.batchnorm, b.pool)
+            for b in spec.blocks)
+        candidate = NetSpec(blocks, spec.head, spec.in_channels, spec.input_size, spec.num_classes)
+        if check(candidate, max_params).ok:
+            return candidate
+        factor *= 0.97
+    return None

@@ -1,0 +1,76 @@
+"""The options of a search, checked as they are made: what `search` takes and what a study remembers of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from models.rules import RULES
+from search.data import N_VAL, SPLIT_SEED
+from search.pruning import PRUNERS
+from search.storage import HEARTBEAT, SearchError, default_storage_url, this_worker
+
+SAMPLERS = ("tpe", "random", "nsga2")
+OBJECTIVES = ("accuracy", "pareto")
+
+
+@dataclass
+class SearchOptions:
+    trials: int = 50  # trained trials in the study, across all workers
+    study: str = "mnist"
+    storage: str | None = None  # Optuna storage URL; default sqlite:///<results>/<study>.db
+    results_dir: str = "results"
+    epochs: int = RULES.max_epochs
+    max_params: int = RULES.max_params
+    objective: str = "accuracy"
+    sampler: str = "tpe"
+    pruner: str = "sha"
+    seed: int = 0
+    device: str = "auto"
+    jobs: int = 1
+    subset: int | None = None  # train on the first N images of the training split
+    data_dir: str | None = None
+    warm_start: bool = True
+    repair: bool = False
+    min_rf: int = 12  # receptive field in pixels: candidates seeing less of the 28-px digit are not trained
+    max_rejections: int = 200  # consecutive untrained suggestions before giving up
+    threads: int | None = None  # torch CPU threads for this process; default: cores / jobs
+    heartbeat: tuple[int, int] = HEARTBEAT  # seconds: heartbeat interval, grace before a silent trial is failed
+    worker: str = field(default_factory=this_worker)  # host:pid; tests play a worker on another machine
+    faults: dict[int, str] = field(default_factory=dict)  # tests: trial number -> "exception", "nan" or "oom"
+
+    def __post_init__(self) -> None:
+        def bad(name, limit):
+            raise SearchError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: {limit}")
+
+        top = RULES.max_epochs
+        if self.trials < 1:
+            bad("trials", "must be at least 1")
+        if not 1 <= self.epochs <= top:
+            bad("epochs", f"must be from 1 to {top} (the exercise allows at most {top} epochs)")
+        if self.max_params < 1:
+            bad("max_params", "must be at least 1")
+        if self.objective not in OBJECTIVES:
+            bad("objective", f"must be one of {', '.join(OBJECTIVES)}")
+        if self.sampler not in SAMPLERS:
+            bad("sampler", f"must be one of {', '.join(SAMPLERS)}")
+        if self.pruner not in PRUNERS:
+            bad("pruner", f"must be one of {', '.join(PRUNERS)}")
+        if self.jobs < 1:
+            bad("jobs", "must be at least 1")
+        if self.subset is not None and not 100 <= self.subset <= 50_000:
+            bad("subset", "must be from 100 to 50,000 training images")
+        if not 1 <= self.min_rf <= 28:
+            bad("min_rf", "must be from 1 to 28 pixels")
+        if self.max_rejections < 1:
+            bad("max_rejections", "must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            bad("threads", "must be at least 1")
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or default_storage_url(self.results_dir, self.study)
+
+    def setup(self) -> dict:
+        """What makes two runs comparable: a study refuses to be continued with a different set-up."""
+        return {"max_params": self.max_params, "objective": self.objective, "epochs": self.epochs,
+                "subset": self.subset, "split": f"{50_000}/{N_VAL} seed {SPLIT_SEED}"}

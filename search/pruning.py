@@ -1,0 +1,51 @@
+"""When a trial stops early: Optuna's pruners for accuracy studies, and successive halving by size for pareto studies
+(Optuna's pruners handle single objectives only)."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from search.record import TrialRecord
+
+PRUNERS = ("sha", "hyperband", "median", "none")
+RUNG_FACTOR = 3  # successive halving: rungs at epochs 1, 3, 9; a third of the trials at a rung go on to the next
+
+
+def make_pruner(name: str, objective: str, epochs: int) -> optuna.pruners.BasePruner:
+    """Optuna's pruner for an accuracy study. Pareto studies prune through `pareto_should_prune` instead."""
+    if name == "none" or objective == "pareto":  # Optuna prunes single-objective studies only
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+    if name == "sha":  # the most aggressive of hyperband's brackets, alone: every trial is judged at epoch 1
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=RUNG_FACTOR,
+                                                      min_early_stopping_rate=0)
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=RUNG_FACTOR)
+
+
+def rungs(epochs: int) -> list[int]:
+    """The epochs at which successive halving judges a trial: 1, 3, 9, ... below the last epoch."""
+    out, r = [], 1
+    while r < epochs:
+        out.append(r)
+        r *= RUNG_FACTOR
+    return out
+
+
+def pareto_should_prune(trials: list[FrozenTrial], number: int, n_params: int, epoch: int, val_acc: float) -> bool:
+    """Successive halving for the accuracy/size front.
+
+    At each rung a trial competes only with the trials that could dominate it: those with no more parameters that
+    reached the same epoch. It goes on if it is in the top third of them and itself (the best, while there are fewer
+    than five rivals), so a small net is never pruned for being less accurate than bigger ones.
+    """
+    rivals = sorted((r.history[epoch - 1]["val_acc"] for r in map(TrialRecord, trials)
+                     if r.number != number and (r.n_params if r.n_params is not None else math.inf) <= n_params
+                     and len(r.history) >= epoch), reverse=True)
+    if not rivals:
+        return False
+    keep = max(1, (len(rivals) + 1) // RUNG_FACTOR)  # how many of rivals-plus-this-trial go on
+    return val_acc < rivals[keep - 1]

@@ -1,0 +1,239 @@
+"""One typed record of a stored trial: what budgetnas writes on an Optuna trial, and how it is read back.
+
+Every reader of a stored trial (the search, `best`, `report`, the CLI, the benchmarks) goes through `TrialRecord`;
+every writer through `TrialWriter`. The attribute names are Optuna user attributes, so a study also opens in
+optuna-dashboard and `trials_dataframe()`; they are the same as before this module existed, so older studies open.
+
+Outcomes (the user attribute "outcome"):
+
+    pending      the trial has started and has not been judged yet
+    rejected     over the budget, an invalid layout, or a receptive field under the minimum: never trained; PRUNED,
+                 with a positive constraint value so that the sampler learns to avoid it
+    duplicate    same spec and training config as a stored trial: that trial's result is reused, nothing trained
+    training     claimed a training slot and is training now (state RUNNING)
+    completed    trained to the last epoch
+    pruned       stopped early by the pruner
+    failed       the training blew up (NaN loss, an exception, out of memory): FAIL, with the reason
+    interrupted  Ctrl-C or SIGTERM during the trial: FAIL, parameters queued again
+    surplus      another worker filled the last training slot first: PRUNED, nothing trained
+
+and two that are read, never written: "queued" (WAITING: an enqueued preset or retry) and "stale" (its worker died
+while it was pending or training; heartbeats or the next run failed it).
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from functools import cached_property
+from typing import Iterable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from models.spec import NetSpec
+from search.engine.config import History, TrainConfig
+
+
+class Outcome(str, Enum):
+    PENDING = "pending"
+    REJECTED = "rejected"
+    DUPLICATE = "duplicate"
+    TRAINING = "training"
+    COMPLETED = "completed"
+    PRUNED = "pruned"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    SURPLUS = "surplus"
+    QUEUED = "queued"  # read only
+    STALE = "stale"  # read only
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TRAINED = frozenset({Outcome.TRAINING, Outcome.COMPLETED, Outcome.PRUNED, Outcome.FAILED})  # used a training slot
+STALE_REASON = "its worker stopped (killed?): found dead or silent past the heartbeat grace"
+
+
+class TrialRecord:
+    """A stored trial, typed: read-only properties over a FrozenTrial's state, values and user attributes."""
+
+    def __init__(self, trial: FrozenTrial):
+        self.trial = trial
+        self.attrs = trial.user_attrs
+
+    def __repr__(self) -> str:
+        return f"TrialRecord({self.number}, {self.outcome.value}, n_params={self.n_params})"
+
+    number = property(lambda self: self.trial.number)
+    state = property(lambda self: self.trial.state)
+    values = property(lambda self: self.trial.values)
+    params = property(lambda self: self.trial.params)
+    n_params = property(lambda self: self.attrs.get("n_params"))
+    receptive_field = property(lambda self: self.attrs.get("receptive_field"))
+    macs = property(lambda self: self.attrs.get("macs"))
+    key = property(lambda self: self.attrs.get("key"))  # spec and training config, hashed: what makes a duplicate
+    preset = property(lambda self: self.attrs.get("preset", ""))
+    duplicate_of = property(lambda self: self.attrs.get("duplicate_of"))
+    retry_of = property(lambda self: self.attrs.get("retry_of"))
+    worker = property(lambda self: str(self.attrs.get("worker", "")))
+    wall_s = property(lambda self: self.attrs.get("wall_s"))
+    device = property(lambda self: self.attrs.get("device"))
+    precision = property(lambda self: self.attrs.get("precision", ""))
+    shards = property(lambda self: self.attrs.get("shards"))
+    history = property(lambda self: self.attrs.get("history") or [])  # one dict per epoch (EpochRecord's fields)
+    has_spec = property(lambda self: "spec" in self.attrs)
+
+    @property
+    def stored_outcome(self) -> Outcome | None:
+        """The outcome as written, or None for a trial that never got one (queued, or older than budgetnas)."""
+        value = self.attrs.get("outcome")
+        return Outcome(value) if value in Outcome._value2member_map_ else None
+
+    @property
+    def outcome(self) -> Outcome:
+        """What happened to it, as a person reads it: the stored outcome, or "queued" and "stale"."""
+        if self.state == TrialState.WAITING:
+            return Outcome.QUEUED
+        stored = self.stored_outcome
+        if self.state == TrialState.FAIL and stored in (None, Outcome.TRAINING, Outcome.PENDING):
+            return Outcome.STALE
+        return stored or Outcome.PENDING
+
+    @property
+    def reason(self) -> str:
+        return STALE_REASON if self.outcome == Outcome.STALE else self.attrs.get("reason", "")
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether it used one of the study's `--trials` training slots (a "training" one only while it runs)."""
+        stored = self.stored_outcome
+        return stored in TRAINED and (stored != Outcome.TRAINING or self.state == TrialState.RUNNING)
+
+    @property
+    def feasible(self) -> bool:
+        return self.attrs.get("constraint", 1) <= 0
+
+    @property
+    def is_candidate(self) -> bool:
+        """Trained to its last epoch within the budget: the only trials that can be the best."""
+        return self.state == TrialState.COMPLETE and self.stored_outcome == Outcome.COMPLETED and self.feasible
+
+    @property
+    def val_acc(self) -> float | None:
+        """Validation accuracy (fraction): the trial's value, else its last reported epoch."""
+        if self.values:
+            return self.values[0]
+        iv = self.trial.intermediate_values
+        return iv[max(iv)] if iv else None
+
+    @property
+    def epochs_trained(self) -> int:
+        return self.attrs.get("epochs_trained", len(self.history))
+
+    @cached_property
+    def spec(self) -> NetSpec:
+        return NetSpec.from_json(self.attrs["spec"])
+
+    @cached_property
+    def config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.attrs["config"])
+
+    def rank(self) -> tuple:
+        """The winner's sort key: higher validation accuracy, then fewer parameters. max() of it is the best."""
+        return (self.values[0], -(self.n_params or 0))
+
+
+def records(study: optuna.Study, states: Iterable[TrialState] | None = None) -> list[TrialRecord]:
+    return [TrialRecord(t) for t in study.get_trials(deepcopy=False, states=tuple(states) if states else None)]
+
+
+def candidates(study: optuna.Study) -> list[TrialRecord]:
+    """Trials trained to their last epoch within the budget: the only candidates for the best."""
+    return [r for r in records(study, (TrialState.COMPLETE,)) if r.is_candidate]
+
+
+def best(study: optuna.Study) -> TrialRecord | None:
+    """The feasible completed trial with the highest validation accuracy (fewer parameters break ties)."""
+    done = candidates(study)
+    return max(done, key=TrialRecord.rank) if done else None
+
+
+def leaderboard(study: optuna.Study) -> list[TrialRecord]:
+    return sorted(candidates(study), key=TrialRecord.rank, reverse=True)
+
+
+def smallest_reaching(done: list[TrialRecord], target: float) -> TrialRecord | None:
+    """The smallest network whose validation accuracy reached `target` (higher accuracy breaks ties)."""
+    reached = [r for r in done if r.values[0] >= target]
+    return min(reached, key=lambda r: (r.n_params, -r.values[0])) if reached else None
+
+
+def count_trained(study: optuna.Study) -> int:
+    return sum(r.is_trained for r in records(study))
+
+
+def outcome_counts(study: optuna.Study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in records(study):
+        counts[r.outcome.value] = counts.get(r.outcome.value, 0) + 1
+    return counts
+
+
+def trial_frame(study: optuna.Study):
+    """One row per trial: number, state, outcome, values, parameters, spec and history as JSON strings."""
+    import pandas as pd
+
+    rows = []
+    recs = records(study)
+    retried_as = {r.retry_of: r.number for r in recs if r.retry_of is not None}
+    for r in recs:
+        reason = r.reason + (f"; queued again as trial {retried_as[r.number]}" if r.number in retried_as else "")
+        rows.append({
+            "number": r.number, "state": r.state.name, "outcome": r.outcome.value, "reason": reason,
+            "n_params": r.n_params, "receptive_field": r.receptive_field, "macs": r.macs, "val_acc": r.val_acc,
+            "epochs_trained": r.epochs_trained, "wall_s": r.wall_s, "device": r.device, "precision": r.precision,
+            "shards": r.shards, "preset": r.preset, "duplicate_of": r.duplicate_of,
+            "datetime_start": r.trial.datetime_start, "datetime_complete": r.trial.datetime_complete,
+            "spec": r.attrs.get("spec", ""), "repaired_from": r.attrs.get("repaired_from", ""),
+            "config": json.dumps(r.attrs.get("config", {}), sort_keys=True), "history": json.dumps(r.history),
+            **{f"param_{k}": v for k, v in r.params.items()}})
+    return pd.DataFrame(rows)
+
+
+class TrialWriter:
+    """Writes budgetnas's attributes on a live Optuna trial; the names match what TrialRecord reads."""
+
+    def __init__(self, trial: optuna.Trial):
+        self.trial = trial
+
+    def get(self, name: str, default=None):
+        return self.trial.user_attrs.get(name, default)
+
+    def set(self, **attrs) -> None:
+        for name, value in attrs.items():
+            self.trial.set_user_attr(name, value.value if isinstance(value, Outcome) else value)
+
+    def close(self, outcome: Outcome, reason: str | None, **attrs) -> None:
+        """The one place a trial's outcome is written, with why (a completed trial needs no reason)."""
+        self.set(outcome=outcome, **({} if reason is None else {"reason": reason}), **attrs)
+
+    def set_constraint(self, value: float) -> None:
+        """<= 0 is feasible: parameters minus the budget, plus one since the rule is strict; failures are 1.
+
+        The sampler reads the trial's constraint (TPE and NSGA-II steer away from infeasible trials), which Optuna
+        lets us set once; the user attribute "constraint" keeps the latest word (a failed trial is never the best).
+        """
+        if "constraint_set" not in self.trial.user_attrs:
+            self.trial.set_constraint("budget", float(value))
+            self.trial.set_user_attr("constraint_set", True)
+        self.trial.set_user_attr("constraint", float(value))
+
+    def epochs(self, so_far: list) -> None:
+        self.trial.set_user_attr("history", so_far)  # stored per epoch: a killed trial keeps its curve
+
+    def trained(self, history: History, wall_s: float) -> None:
+        self.set(wall_s=wall_s, device=history.device, precision=history.precision, shards=history.shards,
+                 epochs_trained=len(history.epochs))  # the history itself was stored per epoch
+
