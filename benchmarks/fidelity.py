@@ -1,6 +1,6 @@
 """How well does a trial's accuracy at an early epoch predict its accuracy at the last one?
 
-    python benchmarks/fidelity.py [--nets 30] [--epochs 20] [--subset N] [--seed 0] [--device auto]
+    python benchmarks/fidelity.py [--nets 30] [--epochs 20] [--subset N] [--val N] [--seed 0] [--device auto]
 
 Draws `--nets` networks from the search space (random sampler, widths fitted to parameter targets spread from
 1,000 to 20,000 like a pareto search), trains each to the last epoch without pruning, and prints for every candidate
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--nets", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--subset", type=int, default=None, help="train on the first N training images")
+    parser.add_argument("--val", type=int, default=None, help="evaluate on the first N validation images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=None)
@@ -68,7 +69,8 @@ def main() -> None:
         set_cpu_threads(None)
     mnist = load_mnist(args.data_dir)
     train = mnist.train.head(args.subset) if args.subset else mnist.train
-    data = (*to_device(train, device), *to_device(mnist.val, device))
+    val = mnist.val.head(args.val) if args.val else mnist.val
+    data = (*to_device(train, device), *to_device(val, device))
     rows = []
     start = time.perf_counter()
     for i, (spec, cfg, n_params) in enumerate(draw_nets(args.nets, args.epochs, args.seed)):

@@ -77,7 +77,8 @@ def gate_suggest(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | N
     try:
         with warnings.catch_warnings():  # the enqueued presets may lie between the space's width steps
             warnings.filterwarnings("ignore", message="Fixed parameter .* out of range", category=UserWarning)
-            c.spec, c.cfg = space.suggest(w.trial, epochs=ctx.opts.epochs, seed=ctx.opts.seed)
+            c.spec, c.cfg = space.suggest(w.trial, epochs=ctx.opts.epochs, seed=ctx.opts.seed,
+                                          param_target=ctx.opts.objective == "pareto", max_params=ctx.opts.max_params)
     except SpecError as exc:
         return Refusal(Outcome.REJECTED, f"invalid layout: {exc}", constraint=1)
     return None
@@ -223,10 +224,11 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test hook)")
         so_far.append(asdict(record))
         w.epochs(so_far)
+        last = record.epoch >= cfg.epochs  # trained in full: it completes, whatever a pruner would say of it now
         if not pareto:
             trial.report(record.val_acc, record.epoch)
-            return trial.should_prune()
-        if record.epoch not in ctx.pareto_rungs:
+            return not last and trial.should_prune()
+        if last or record.epoch not in ctx.pareto_rungs:
             return False
         states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
         return pareto_should_prune(trial.study.get_trials(deepcopy=False, states=states), trial.number,

@@ -5,6 +5,11 @@ followed by a 1x1 transition; BatchNorm and dropout are shared choices; the head
 pooling in either order. Training choices: optimizer, learning rate, batch size, schedule, label smoothing,
 augmentation strength. The epochs are the study's, not searched.
 
+With `param_target` (pareto searches) the trial also draws a parameter count, log-uniform from 1,000 to the budget,
+and every width is scaled by one factor so that the network has as many parameters as fit under it
+(`fit_widths`): the trials then spread over the whole parameter axis instead of clustering where random widths land
+(mostly over the budget).
+
 Layouts that shrink the map below 1x1 raise `SpecError` from `NetSpec` and are rejected like over-budget ones.
 `encode(spec, cfg)` is the inverse of `suggest` for specs inside the space (presets, to enqueue as warm start).
 """
@@ -13,14 +18,17 @@ from __future__ import annotations
 
 import optuna
 
+from models.budget import count_params
+from models.rules import RULES
 from models.spec import Conv, ConvBlock, Head, NetSpec, Transition
 from search.engine.config import TrainConfig
 
 MAX_BLOCKS = 3
-# Channels per conv, in steps of 8: on the CPU odd widths trained far slower for fewer MACs (docs/search.md), and
-# vector units and tensor cores both work in multiples of 8.
-# With 3 blocks of 3 convs this reaches far past 20k, with 1 block of 1 conv about 150 parameters.
-CHANNELS = (8, 40, 8)
+# Channels per conv, in steps of 2 from 4: the sub-5k hand-made nets use 4, 6 and 12 channels. Widths off the
+# multiples of 8 cost CPU speed per MAC (docs/search.md); the search pays that knowingly, for the small end.
+# With 3 blocks of 3 convs this reaches far past 20k, with 1 block of 1 conv under 100 parameters.
+CHANNELS = (4, 40, 2)
+MIN_TARGET = 1_000  # parameters: the small end of a pareto search's parameter targets
 LR = {"sgd": (0.01, 0.4), "adamw": (5e-4, 2e-2)}  # peak learning rate ranges, log-uniform
 BATCH_SIZES = (64, 128, 256)  # images per step
 DROPOUT = (0.0, 0.15)
@@ -33,7 +41,8 @@ def _width(trial: optuna.trial.BaseTrial, name: str) -> int:
     return trial.suggest_int(name, low, high, step=step)
 
 
-def suggest(trial: optuna.trial.BaseTrial, epochs: int = 20, seed: int = 0) -> tuple[NetSpec, TrainConfig]:
+def suggest(trial: optuna.trial.BaseTrial, epochs: int = 20, seed: int = 0, param_target: bool = False,
+            max_params: int = RULES.max_params) -> tuple[NetSpec, TrainConfig]:
     n_blocks = trial.suggest_int("n_blocks", 1, MAX_BLOCKS)
     batchnorm = trial.suggest_categorical("batchnorm", [True, False])
     dropout = trial.suggest_float("dropout", *DROPOUT)
@@ -60,11 +69,39 @@ def suggest(trial: optuna.trial.BaseTrial, epochs: int = 20, seed: int = 0) -> t
         augment=trial.suggest_float("augment", *AUGMENT),
         seed=seed,
     )
-    return NetSpec(tuple(blocks), head), cfg
+    spec = NetSpec(tuple(blocks), head)
+    if param_target:
+        spec = fit_widths(spec, trial.suggest_int("param_target", MIN_TARGET, max_params - 1, log=True))
+    return spec, cfg
 
 
-def encode(spec: NetSpec, cfg: TrainConfig) -> dict:
-    """The parameters that make `suggest` return this spec and config; ValueError if it lies outside the space."""
+def _scaled(spec: NetSpec, factor: float) -> NetSpec:
+    def width(c: int) -> int:
+        return max(2, 2 * round(c * factor / 2))  # even widths, as the space draws them
+
+    blocks = tuple(ConvBlock(tuple(Conv(width(c.out_channels), c.kernel, c.padding) for c in b.convs), b.batchnorm,
+                             b.dropout, b.pool) if isinstance(b, ConvBlock)
+                   else Transition(width(b.out_channels), b.batchnorm, b.pool) for b in spec.blocks)
+    return NetSpec(blocks, spec.head, spec.in_channels, spec.input_size, spec.num_classes)
+
+
+def fit_widths(spec: NetSpec, target: int) -> NetSpec:
+    """The spec with every width scaled by one factor: the largest network of at most `target` parameters (the
+    narrowest, widths of 2, when even that is over). Parameters grow with the factor, so a bisection finds it."""
+    if count_params(spec) == target:
+        return spec
+    low, high = 0.0, 1.0
+    while count_params(_scaled(spec, high)) <= target and high < 64:
+        low, high = high, high * 2
+    for _ in range(30):
+        mid = (low + high) / 2
+        low, high = (mid, high) if count_params(_scaled(spec, mid)) <= target else (low, mid)
+    return _scaled(spec, low)
+
+
+def encode(spec: NetSpec, cfg: TrainConfig, param_target: bool = False) -> dict:
+    """The parameters that make `suggest` return this spec and config; ValueError if it lies outside the space.
+    With `param_target`, the target is the spec's own count, which `fit_widths` leaves as it is."""
     conv_blocks = [b for b in spec.blocks if isinstance(b, ConvBlock)]
     params: dict = {"n_blocks": len(conv_blocks), "head": spec.head.kind, "optimizer": cfg.optimizer,
                     "batch_size": cfg.batch_size, f"{cfg.optimizer}_lr": cfg.lr, "schedule": cfg.schedule,
@@ -86,4 +123,6 @@ def encode(spec: NetSpec, cfg: TrainConfig) -> dict:
                 raise ValueError(f"transition after block {i}: pooled or repeated transitions lie outside the space")
             params[f"t{i}"] = True
             params[f"t{i}_c"] = block.out_channels
+    if param_target:
+        params["param_target"] = count_params(spec)
     return params

@@ -59,7 +59,8 @@ def open_study(opts: SearchOptions) -> optuna.Study:
         if opts.warm_start:
             for name, spec in PRESETS.items():
                 cfg = TrainConfig(epochs=opts.epochs, seed=opts.seed)
-                study.enqueue_trial(space.encode(spec, cfg), user_attrs={"preset": name}, skip_if_exists=True)
+                params = space.encode(spec, cfg, param_target=opts.objective == "pareto")
+                study.enqueue_trial(params, user_attrs={"preset": name}, skip_if_exists=True)
     return study
 
 

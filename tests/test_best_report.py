@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from search.report import collect, pareto_front, write_report
+from search.report import collect, pareto_front, trial_rows, write_report
 from search.retrain import CheckpointError, load_checkpoint
 from search.engine import evaluate, to_device
 from search.options import SearchOptions
@@ -94,7 +94,14 @@ def test_report_data_and_page(tiny_study):
     assert out.exit_code == 0, out.output
     page = (results / "tiny" / "report.html").read_text()
     assert "cdn.plot.ly" not in page and "plotly.js v" in page.lower() or "Plotly" in page
-    for fig_id in ("params-vs-accuracy", "learning-curves", "history", "timeline", "winner", "trial-table"):
+    rows = trial_rows(data.frame)
+    assert len(rows) == len(study.get_trials())
+    trained = [r for r in rows if r["outcome"] in ("completed", "pruned")]
+    assert len(trained) == 2 and all("." not in r["parameters"] and "." not in r["epochs trained"] for r in trained)
+    assert all(len(r["validation accuracy (%)"].split(".")[1]) == 2 for r in trained)
+    assert {r["parameters"] for r in trained} <= {f"{t.user_attrs['n_params']:,}" for t in study.get_trials()}
+    for fig_id in ("params-vs-accuracy", "parameter-spread", "learning-curves", "history", "timeline", "winner",
+                   "trial-table"):
         assert f'id="{fig_id}"' in page or f"id='{fig_id}'" in page, fig_id
 
 

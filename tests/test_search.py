@@ -187,3 +187,14 @@ def test_pareto_pruning_judges_a_trial_against_nets_no_larger():
     assert pareto_should_prune(others, 9, 20_000, 1, 0.955)
     # Its own earlier record is not a rival; trials that stopped before the epoch are not either.
     assert not pareto_should_prune(others, 4, 6_000, 2, 0.90)
+
+
+def test_a_trial_that_trained_every_epoch_is_never_pruned(tmp_path, data_root):
+    # With one epoch, successive halving's first rung is the last epoch: a trial judged there has trained in full,
+    # and it completes (it stays a candidate for `best` and the leaderboard).
+    opts = SearchOptions(trials=4, study="last", results_dir=str(tmp_path), epochs=1, subset=500,
+                         data_dir=str(data_root), device="cpu", pruner="sha")
+    trained = [r for r in map(TrialRecord, run_search(opts, log=quiet).study.get_trials()) if r.is_trained]
+    assert len(trained) == 4
+    assert [r.outcome.value for r in trained] == ["completed"] * 4
+    assert all(r.trial.intermediate_values == {1: r.values[0]} for r in trained)
