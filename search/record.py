@@ -154,10 +154,14 @@ def candidates(study: optuna.Study) -> list[TrialRecord]:
     return [r for r in records(study, (TrialState.COMPLETE,)) if r.is_candidate]
 
 
+def best_of(done: list[TrialRecord]) -> TrialRecord | None:
+    """The trial with the highest validation accuracy (fewer parameters break ties); None if there is none."""
+    return max(done, key=TrialRecord.rank) if done else None
+
+
 def best(study: optuna.Study) -> TrialRecord | None:
     """The feasible completed trial with the highest validation accuracy (fewer parameters break ties)."""
-    done = candidates(study)
-    return max(done, key=TrialRecord.rank) if done else None
+    return best_of(candidates(study))
 
 
 def leaderboard(study: optuna.Study) -> list[TrialRecord]:

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from models.budget import analyze
 from models.rules import RULES
 from search.fsio import atomic_write_text
-from search.record import TRAINED, Outcome, candidates, outcome_counts, trial_frame
+from search.record import TRAINED, Outcome, best_of, candidates, outcome_counts, trial_frame
 
 
 @dataclass
@@ -62,7 +62,7 @@ def collect(study: optuna.Study, certification: dict | None = None) -> ReportDat
     winner_layers: list[dict] = []
     winner_spec = None
     if done:
-        top = max(done, key=lambda r: r.rank())
+        top = best_of(done)
         best = {"number": top.number, "val_acc": top.values[0], "n_params": top.n_params,
                 "receptive_field": top.receptive_field}
         winner_spec = json.loads(top.spec.to_json())

@@ -24,7 +24,7 @@ from models.spec import NetSpec, SpecError
 from search.data import load_mnist
 from search.engine import TrainConfig, fit, resolve_device, to_device
 from search.fsio import atomic_write, atomic_write_text
-from search.record import Outcome, TrialRecord, candidates, records, smallest_reaching
+from search.record import Outcome, TrialRecord, best_of, candidates, records, smallest_reaching
 from search.storage import SearchError, provenance
 
 CHECKPOINT_FORMAT = "budgetnas-checkpoint-1"
@@ -59,7 +59,7 @@ def pick_winner(study: optuna.Study, trial_number: int | None = None, target: fl
             raise SearchError(f"no completed trial reached {target:.2%} validation accuracy (the best has {top:.2%}); "
                               "lower --target or search longer")
         return smallest
-    return max(done, key=TrialRecord.rank)
+    return best_of(done)
 
 
 def save_checkpoint(path: Path, module: torch.nn.Module, spec: NetSpec, cfg: TrainConfig, test_acc: float) -> Path:

@@ -14,7 +14,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from search.record import Outcome, TrialRecord, records
+from search.record import Outcome, records
 
 HEARTBEAT = (10, 60)  # seconds: a worker beats every 10 s; a RUNNING trial silent for 60 s is failed and retried
 
@@ -113,7 +113,7 @@ def claim_conflict(study: optuna.Study, number: int, key: str | None, n_trials: 
     for r in records(study):
         if r.number >= number:
             continue
-        pending = r.state == TrialState.RUNNING and r.attrs.get("outcome", "pending") == "pending"
+        pending = r.state == TrialState.RUNNING and r.stored_outcome in (None, Outcome.PENDING)
         if r.is_trained or pending:
             ahead += 1
             if key is not None and r.key == key:
@@ -150,10 +150,10 @@ def _alive(pid: int) -> bool:
 
 def requeue_interrupted(study: optuna.Study) -> int:
     """Queue again, once, the parameters of trials stopped by Ctrl-C or SIGTERM; returns how many were queued."""
-    trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get("retry_of") for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
+    recs = records(study)
+    retried = {r.retry_of for r in recs} | {r.trial.system_attrs.get("failed_trial") for r in recs}
     queued = 0
-    for r in map(TrialRecord, trials):
+    for r in recs:
         if r.stored_outcome == Outcome.INTERRUPTED and r.number not in retried:
             study.enqueue_trial(r.params, user_attrs={"retry_of": r.number})
             queued += 1
