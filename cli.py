@@ -38,6 +38,8 @@ MaxParams = Annotated[int, typer.Option("--max-params", callback=bounded(1),
                                         help="Budget: networks must have fewer parameters.")]
 DataDir = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding MNIST/raw/*-ubyte "
                                                 "[default: $BUDGETNAS_DATA, else ./data].")]
+CertifyMaxParams = Annotated[int, typer.Option("--max-params", callback=bounded(1), help=(
+    f"A budget judged beside the exercise's four rules (which always include fewer than {RULES.max_params:,})."))]
 Study = Annotated[str, typer.Option("--study", help="Study name.")]
 Storage = Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL "
                                                 "[default: sqlite:///results/<study>.db].")]
@@ -68,6 +70,10 @@ def _load_target(target: str):
             raise fail(f"{path} defines no {class_name!r}") from None
         except Exception as exc:
             raise fail(f"{path} could not be imported: {type(exc).__name__}: {exc}") from None
+        import torch
+
+        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            raise fail(f"{target}: {class_name} is a {type(cls).__name__}, not a torch.nn.Module class")
         try:
             return cls()
         except Exception as exc:
@@ -76,9 +82,14 @@ def _load_target(target: str):
     if not path.is_file():
         raise fail(f"{target!r} is neither a preset ({', '.join(presets.PRESETS)}), a spec JSON file, "
                    "nor path/to/file.py:ClassName")
+    if path.suffix == ".py":
+        raise fail(f"{target}: a Python file needs the class to check after a colon, {target}:ClassName")
     try:
         return NetSpec.from_json(path.read_text())
     except SpecError as exc:
+        if "the map must stay at least 1x1" in str(exc):  # a network that exists on paper, refused by the rules
+            err.print(Text.assemble(("REFUSED: ", "bold red"), f"{path}: {exc}"))
+            raise typer.Exit(1) from None
         raise fail(f"{path}: {exc}") from None
 
 
@@ -90,18 +101,27 @@ def check(target: Annotated[str, typer.Argument(help="A preset name, a spec JSON
     from models.build import build
     from models.spec import NetSpec
     from search.console import print_layer_table
+    from search.data import MNIST_CLASSES
+    from search.options import MIN_RF
 
     net = _load_target(target)
     if isinstance(net, NetSpec):
         verdict = check_spec(net, max_params)
-        module_verdict = check_module(build(net), max_params=max_params, num_classes=net.num_classes)
+        module_verdict = check_module(build(net), max_params=max_params, num_classes=MNIST_CLASSES)
         if module_verdict.ok != verdict.ok or module_verdict.n_params != verdict.n_params:  # defence in depth
             verdict = module_verdict
     else:
-        verdict = check_module(net, max_params=max_params)
+        verdict = check_module(net, max_params=max_params, num_classes=MNIST_CLASSES)
     print_layer_table(verdict.analysis, f"{target}")
     if verdict.receptive_field is not None:
         console.print(f"receptive field before global pooling: {verdict.receptive_field} pixels")
+        if verdict.receptive_field < MIN_RF:  # a search heuristic, not a rule: said, not refused
+            console.print(f"warning: a receptive field under {MIN_RF} px sees less than half the 28-px digit; the "
+                          f"search does not train such candidates (--min-rf {MIN_RF}), though the rules allow them",
+                          highlight=False)
+    if isinstance(net, NetSpec) and net.head.kind == "gap_conv":
+        console.print("head: global average pooling, then a 1x1 conv on the 1x1 map: allowed, not fully connected "
+                      "(it computes the same function as the 1x1 conv followed by the pooling)", highlight=False)
     if verdict.ok:
         console.print(Text(verdict.summary(), style="bold green"))
         return
@@ -196,9 +216,10 @@ def search(  # long: one line per option, and the refusals of bad input before a
 
     from search.data import DataError, check_data_root, load_mnist
     from search.engine import resolve_device
-    from search.storage import SearchError, this_worker
+    from search.storage import SearchError, check_results_folder, this_worker
     from search.console import print_leaderboard, print_trial_line
     from search.options import SearchOptions
+    from search.record import nothing_trained_well
     from search.study import run_search
 
     try:
@@ -211,6 +232,7 @@ def search(  # long: one line per option, and the refusals of bad input before a
         resolve_device(opts.device)
         check_data_root(data_dir)
         _refuse_sqlite_across_threads(opts)
+        check_results_folder(opts.results_dir, opts.study, opts.storage_url)  # writable, and not another storage's
         load_mnist(data_dir)  # absent files: the download is tried, and refused here, before anything is written
     except (SearchError, DataError, ValueError) as exc:
         raise fail(str(exc)) from None
@@ -232,6 +254,9 @@ def search(  # long: one line per option, and the refusals of bad input before a
     print_leaderboard(result, opts)
     if result.stop_reason:
         raise fail(result.stop_reason, code=1)
+    failed_all = nothing_trained_well(result.study)
+    if failed_all:
+        raise fail(failed_all, code=1)
 
 
 def _refuse_sqlite_across_threads(opts) -> None:
@@ -244,16 +269,24 @@ def _refuse_sqlite_across_threads(opts) -> None:
 
 
 def _open_study(study: str, storage: Optional[str], results_dir: str):
-    from search.storage import SearchError, default_storage_url, load_existing_study
+    """The stored study, and its results folder checked writable and owned by its storage (best and report write
+    there)."""
+    from search.fsio import UnwritablePath
+    from search.storage import (SearchError, check_results_folder, check_study_name, claim_results_folder,
+                                load_existing_study, sqlite_file, storage_url)
 
-    url = storage or default_storage_url(results_dir, study)
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-        raise fail(f"no study {study!r}: {url.removeprefix('sqlite:///')} does not exist (run search first, or "
-                   "give --storage / --results-dir)")
     try:
-        return load_existing_study(study, url)
-    except SearchError as exc:
+        url = storage_url(storage, results_dir, check_study_name(study))
+        db = sqlite_file(url)
+        if db is not None and not db.exists():
+            raise SearchError(f"no study {study!r}: {db} does not exist (run search first, or give --storage / "
+                              "--results-dir)")
+        check_results_folder(results_dir, study, url)
+        study_obj = load_existing_study(study, url)
+        claim_results_folder(results_dir, study, url)
+    except (SearchError, UnwritablePath) as exc:
         raise fail(str(exc)) from None
+    return study_obj
 
 
 @app.command()
@@ -263,8 +296,12 @@ def best(
     trial: Annotated[Optional[int], typer.Option("--trial", callback=bounded(0), help="Certify this trial instead of the winner.")] = None,
     target: Annotated[Optional[float], typer.Option(callback=bounded(0, 100, " percent"), help="Pareto studies: certify the smallest "
                                                    "network whose validation accuracy reached this percentage.")] = None,
+    front: Annotated[bool, typer.Option("--front", help="Certify every trial on the accuracy/size front at or above "
+                                        "--floor, smallest first; writes front.json.")] = False,
+    floor: Annotated[float, typer.Option(callback=bounded(0, 100, " percent"), help="With --front: the lowest "
+                                         "validation accuracy certified, percent.")] = 99.0,
     seeds: Annotated[int, typer.Option(callback=bounded(1, 10), help="Retraining seeds.")] = 3,
-    max_params: MaxParams = RULES.max_params,
+    max_params: CertifyMaxParams = RULES.max_params,
     device: Annotated[DeviceName, typer.Option()] = DeviceName.auto,
     data_dir: DataDir = None,
     results_dir: Annotated[str, typer.Option(help="Where the study's files are.")] = "results",
@@ -272,10 +309,13 @@ def best(
     """Retrain the winner on all 60,000 training images with several seeds and certify it on the test set."""
     from search.data import DataError, check_data_root
     from search.engine import resolve_device
-    from search.console import print_verdict
-    from search.retrain import certify, pick_winner
+    from search.console import print_front, print_verdict
+    from search.retrain import (certificate_dir, certify, front_summary, front_to_certify, pick_winner,
+                                reusable_certificate, write_best)
     from search.storage import SearchError
 
+    if front and (trial is not None or target is not None):
+        raise fail("--front certifies the whole front; it takes neither --trial nor --target")
     try:
         resolve_device(device.value)
         check_data_root(data_dir)
@@ -283,20 +323,46 @@ def best(
         raise fail(str(exc)) from None
     study_obj = _open_study(study, storage, results_dir)
     try:
-        winner = pick_winner(study_obj, trial, None if target is None else target / 100)
+        chosen = front_to_certify(study_obj, floor / 100) if front else [
+            pick_winner(study_obj, trial, None if target is None else target / 100)]
     except SearchError as exc:
         raise fail(str(exc)) from None
-    val = f", validation {winner.values[0]:.2%}" if winner.values else ""
-    console.print(f"certifying trial {winner.number}: {winner.n_params:,} params{val}", highlight=False)
-    try:
-        result = certify(study_obj, winner, seeds=seeds, data_dir=data_dir, device=device.value,
-                         results_dir=results_dir, max_params=max_params,
-                         log=lambda line: console.print(line, highlight=False, markup=False))
-    except DataError as exc:
-        raise fail(str(exc)) from None
-    print_verdict(result, seeds)
-    console.print(f"written: {Path(results_dir) / study / 'best.json'} and one checkpoint per seed", highlight=False)
-    if not result["certified"]:
+    if front:
+        console.print(f"certifying the front at or above {floor:.2f}% validation: trials "
+                      + ", ".join(f"{r.number} ({r.n_params:,} params, {r.values[0]:.2%})" for r in chosen),
+                      highlight=False)
+    log = lambda line: console.print(line, highlight=False, markup=False)  # noqa: E731
+    certs: list[tuple[dict, bool]] = []
+    for record in chosen:
+        val = f", validation {record.values[0]:.2%}" if record.values else ""
+        reused = reusable_certificate(results_dir, study, record, seeds, RULES.target_accuracy, max_params) \
+            if front else None
+        if reused:
+            console.print(f"trial {record.number}: certified before with the same network, recipe and seeds; "
+                          "its certificate is reused", highlight=False)
+            certs.append((reused, True))
+            continue
+        console.print(f"certifying trial {record.number}: {record.n_params:,} params{val}", highlight=False)
+        try:
+            result = certify(study_obj, record, seeds=seeds, data_dir=data_dir, device=device.value,
+                             results_dir=results_dir, max_params=max_params, log=log)
+        except DataError as exc:
+            raise fail(str(exc)) from None
+        print_verdict(result, seeds)
+        certs.append((result, False))
+        if front:  # written after each trial: an interrupted --front keeps what it certified
+            front_summary(study, floor / 100, seeds, certs, results_dir)
+    written = certificate_dir(results_dir, study, chosen[-1].number)
+    if front:
+        summary = front_summary(study, floor / 100, seeds, certs, results_dir)
+        print_front(summary)
+        console.print(f"written: {Path(results_dir) / study / 'front.json'} and one certificate per trial under "
+                      f"{written.parent}", highlight=False)
+        return
+    write_best(results_dir, certs[0][0])
+    console.print(f"written: {written / 'certificate.json'} (and {Path(results_dir) / study / 'best.json'}) and one "
+                  "checkpoint per seed", highlight=False)
+    if not certs[0][0]["certified"]:
         raise typer.Exit(1)
 
 
@@ -309,10 +375,10 @@ def report(
 ) -> None:
     """Write results/<study>/report.html: one offline page with the study's figures and tables."""
     from search.report import write_report
-    from search.retrain import read_best
+    from search.retrain import read_best, read_front
 
     study_obj = _open_study(study, storage, results_dir)
-    path = write_report(study_obj, results_dir, read_best(results_dir, study))
+    path = write_report(study_obj, results_dir, read_best(results_dir, study), read_front(results_dir, study))
     console.print(f"report: {path} ({len(study_obj.get_trials(deepcopy=False))} trials)", highlight=False)
     if open_browser:
         import webbrowser

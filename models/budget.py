@@ -49,7 +49,8 @@ class Verdict:
 
     def summary(self) -> str:
         if self.ok:
-            return f"PASS: {self.n_params:,} parameters, under the {self.max_params:,} budget; no Linear layer"
+            return (f"PASS: {self.n_params:,} parameters, under the {self.max_params:,} budget; no fully connected "
+                    "layer (Linear, matmul, or a conv over a whole map)")
         return "REFUSED: " + "; ".join(self.reasons)
 
 
@@ -89,12 +90,24 @@ def _budget_reason(n_params: int, max_params: int) -> str | None:
     return None
 
 
+def whole_map_convs(spec: NetSpec) -> list[str]:
+    """Convs of a spec whose kernel spans their whole input map of more than one position: each output then sees
+    every input position with its own weight, which is a fully connected layer (a 3x3 conv on a 3x3 map, say).
+    A 1x1 conv on a 1x1 map (the gap_conv head) is not one of them: a single position has nothing to connect, and
+    GAP then 1x1 conv computes exactly what the accepted 1x1 conv then GAP computes."""
+    return [f"{layer.name}: a {layer.kernel}x{layer.kernel} kernel over its whole {layer.size_in}x{layer.size_in} "
+            "input map, a fully connected layer" for layer in spec.layers()
+            if layer.op == "conv" and layer.size_in > 1 and layer.kernel >= layer.size_in]
+
+
 def check(spec: NetSpec, max_params: int = RULES.max_params) -> Verdict:
-    """Judge a spec before anything is built: specs cannot hold a Linear layer, so only the budget can fail."""
+    """Judge a spec before anything is built: its budget, and convs that span their whole map (specs hold no
+    Linear layer)."""
     analysis = analyze(spec)
-    reason = _budget_reason(analysis.n_params, max_params)
-    return Verdict(reason is None, analysis.n_params, max_params, (reason,) if reason else (),
-                   analysis.receptive_field, analysis.macs, analysis)
+    budget = _budget_reason(analysis.n_params, max_params)
+    reasons = ([budget] if budget else []) + whole_map_convs(spec)
+    return Verdict(not reasons, analysis.n_params, max_params, tuple(reasons), analysis.receptive_field,
+                   analysis.macs, analysis)
 
 
 # ---- any nn.Module ----------------------------------------------------------------------------
@@ -140,19 +153,61 @@ def _fx_fc_ops(module) -> list[str]:
     return found
 
 
-def _dispatch_fc_ops(module, example) -> list[str]:
-    """Fully connected ATen ops seen while actually running forward: works through data-dependent control flow."""
+def _spatial_extent(t) -> int:
+    """Positions in a 4-D (N, C, H, W) activation's map; 1 for anything that has none left."""
+    return int(t.shape[-2] * t.shape[-1]) if t.dim() == 4 else 1
+
+
+def _dispatch_scan(module, example) -> tuple[list[str], list[str]]:
+    """Run forward once, recording its ATen ops on activations (works through data-dependent control flow).
+
+    Returns (fully connected ops such as mm/linear, convs that are fully connected layers in disguise): a conv
+    whose kernel spans its whole input map (more than one position), and a conv on a map whose positions were
+    reshaped into channels (view/reshape/flatten to a 1x1 map or to no map, nothing reduced).
+    """
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
 
-    found: list[str] = []
+    linear_ops: list[str] = []
+    disguised: list[str] = []
+    data: dict[int, torch.Tensor] = {id(example): example}  # activations: tensors computed from the input
+    flattened: set[int] = set()  # activations whose positions went into channels, and what was computed from them
+    convs = 0
 
     class Recorder(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal convs
+            out = func(*args, **(kwargs or {}))
+            inputs = [a for a in tree_flatten((args, kwargs or {}))[0] if isinstance(a, torch.Tensor)]
+            data_inputs = [a for a in inputs if id(a) in data]
+            if not data_inputs:
+                return out
             name = getattr(getattr(func, "_overloadpacket", None), "__name__", "")
-            if name in _ATEN_FC and name not in found:
-                found.append(name)
-            return func(*args, **(kwargs or {}))
+            if name in _ATEN_FC and name not in linear_ops:
+                linear_ops.append(name)
+            if name == "convolution":
+                convs += 1
+                x, weight = args[0], args[1]
+                dilation = args[5] if len(args) > 5 else (1, 1)
+                span = [d * (k - 1) + 1 for d, k in zip(dilation, weight.shape[-2:])]
+                if id(x) in flattened:
+                    disguised.append(f"conv {convs} (a {weight.shape[-2]}x{weight.shape[-1]} conv on "
+                                     f"{x.shape[1]:,} channels) runs on a map whose positions were reshaped into "
+                                     "channels: a fully connected layer")
+                elif _spatial_extent(x) > 1 and span[0] >= x.shape[-2] and span[1] >= x.shape[-1]:
+                    disguised.append(f"conv {convs} has a {weight.shape[-2]}x{weight.shape[-1]} kernel over its whole "
+                                     f"{x.shape[-2]}x{x.shape[-1]} input map: every output sees every input "
+                                     "position, a fully connected layer")
+            outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+            moved_positions = name in ("view", "_unsafe_view", "reshape", "flatten", "pixel_unshuffle") and any(
+                _spatial_extent(a) > 1 and all(_spatial_extent(o) == 1 and o.numel() == a.numel() for o in outs)
+                for a in data_inputs)
+            for o in outs:
+                data[id(o)] = o  # kept alive, so that an id is never reused for another tensor during the pass
+                if moved_positions or any(id(a) in flattened for a in data_inputs):
+                    flattened.add(id(o))
+            return out
 
     was_training = module.training
     try:
@@ -161,7 +216,8 @@ def _dispatch_fc_ops(module, example) -> list[str]:
             module(example)
     finally:
         module.train(was_training)
-    return [f"'{name}' in forward (seen running it), a fully connected operation on activations" for name in found]
+    return ([f"'{name}' in forward (seen running it), a fully connected operation on activations"
+             for name in linear_ops], disguised)
 
 
 def module_table(module, input_shape=(1, 1, 28, 28)) -> tuple[list[LayerRow], tuple[int, ...]]:
@@ -222,15 +278,17 @@ def check_module(module, input_shape=(1, 1, 28, 28), max_params: int = RULES.max
             reasons.append(f"layer '{name or type(module).__name__}' is a {type(sub).__name__}, a fully connected layer")
 
     try:
-        fc_ops = _fx_fc_ops(module)
-    except Exception:  # data-dependent control flow and the like: record the ops of a real forward pass instead
-        try:
-            fc_ops = _dispatch_fc_ops(module, torch.zeros(input_shape))
-        except Exception as exc:
-            fc_ops = []
-            reasons.append("forward could not be traced, so functional fully connected operations cannot be ruled "
-                           f"out: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        seen_linear, disguised = _dispatch_scan(module, torch.zeros(input_shape))
+    except Exception as exc:
+        seen_linear, disguised = [], []
+        reasons.append("forward could not be run, so fully connected operations cannot be ruled out: "
+                       f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+    try:
+        fc_ops = _fx_fc_ops(module)  # names the forward's node; sees branches a zero input does not take
+    except Exception:  # data-dependent control flow and the like: the ops of the real forward pass instead
+        fc_ops = seen_linear
     reasons.extend(fc_ops)
+    reasons.extend(disguised)
 
     rows: list[LayerRow] = []
     macs = None

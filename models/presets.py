@@ -35,6 +35,13 @@ def _three_block(c1: int, c2: int, squeeze: int) -> NetSpec:
                     _block(c2, c2, padding=1, pool=False)), Head("conv_gap"))
 
 
+def _micro() -> NetSpec:
+    """The published sub-5k style: three padded blocks of three 3x3 convs of 4 to 8 channels, two max-pools, no
+    transition; 28 -> pool 14 -> pool 7 -> 1x1 conv to 10 classes -> GAP. Receptive field 46 px."""
+    return NetSpec((_block(4, 8, 8, padding=1), _block(8, 8, 8, padding=1),
+                    _block(8, 8, 8, padding=1, pool=False)), Head("conv_gap"))
+
+
 PRESETS: dict[str, NetSpec] = {
     # The hand-made answer's layout, sized just under the budget: 19,674 parameters.
     "baseline": _two_block(16, 32, 16),
@@ -46,5 +53,7 @@ PRESETS: dict[str, NetSpec] = {
     "compact": _compact(8, 16, 8),
     # The whole digit in view (receptive field 32 px) for half the baseline's parameters: 9,778.
     "threeblock": _three_block(8, 16, 8),
+    # The small end: 4,582 parameters (docs/search.md has its accuracy).
+    "micro": _micro(),
 }
 

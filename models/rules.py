@@ -19,6 +19,9 @@ class Rules:
     def params_rule(self, max_params: int | None = None) -> str:
         return f"fewer than {max_params or self.max_params:,} parameters"
 
+    def fc_rule(self) -> str:
+        return "no fully connected layer"
+
     def epochs_rule(self) -> str:
         return f"at most {self.max_epochs} epochs"
 

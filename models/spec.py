@@ -8,7 +8,7 @@ step; the validator, the budget counter and the builder all read that one walk.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Iterator, Union
 
 KERNELS = (1, 3)  # pixels; 3x3 convs extract features, 1x1 convs mix channels
@@ -27,6 +27,14 @@ def _require(ok: bool, message: str) -> None:
         raise SpecError(message)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no count, 3.0 no kernel size
+
+
+def _check_flag(value: Any, where: str, name: str) -> None:
+    _require(isinstance(value, bool), f"{where}: {name}={value!r}, must be true or false")
+
+
 def _check_channels(value: Any, where: str) -> None:
     _require(
         isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_CHANNELS,
@@ -42,8 +50,10 @@ class Conv:
 
     def __post_init__(self) -> None:
         _check_channels(self.out_channels, "conv")
-        _require(self.kernel in KERNELS, f"conv: kernel={self.kernel!r}, must be one of {KERNELS}")
-        _require(self.padding in PADDINGS, f"conv: padding={self.padding!r}, must be one of {PADDINGS}")
+        _require(_is_int(self.kernel) and self.kernel in KERNELS,
+                 f"conv: kernel={self.kernel!r}, must be one of the integers {KERNELS}")
+        _require(_is_int(self.padding) and self.padding in PADDINGS,
+                 f"conv: padding={self.padding!r}, must be one of the integers {PADDINGS}")
         _require(
             not (self.kernel == 1 and self.padding == 1),
             "conv: padding=1 with kernel=1 only adds a border of zeros; use padding=0 for 1x1 convs",
@@ -66,12 +76,12 @@ class ConvBlock:
         )
         _require(all(isinstance(c, Conv) for c in convs), "conv block: convs must be Conv entries")
         _require(
-            isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
-            f"conv block: dropout={self.dropout!r}, must be in [0, 1)",
+            isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool) and 0.0 <= self.dropout < 1.0,
+            f"conv block: dropout={self.dropout!r}, must be a number in [0, 1)",
         )
         object.__setattr__(self, "dropout", float(self.dropout))
-        object.__setattr__(self, "batchnorm", bool(self.batchnorm))
-        object.__setattr__(self, "pool", bool(self.pool))
+        _check_flag(self.batchnorm, "conv block", "batchnorm")
+        _check_flag(self.pool, "conv block", "pool")
 
 
 @dataclass(frozen=True)
@@ -82,8 +92,8 @@ class Transition:
 
     def __post_init__(self) -> None:
         _check_channels(self.out_channels, "transition")
-        object.__setattr__(self, "batchnorm", bool(self.batchnorm))
-        object.__setattr__(self, "pool", bool(self.pool))
+        _check_flag(self.batchnorm, "transition", "batchnorm")
+        _check_flag(self.pool, "transition", "pool")
 
 
 Block = Union[ConvBlock, Transition]
@@ -140,7 +150,7 @@ class NetSpec:
         )
         for name, value in (("in_channels", self.in_channels), ("input_size", self.input_size), ("num_classes", self.num_classes)):
             _require(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                _is_int(value) and value >= 1,
                 f"network: {name}={value!r}, must be a positive integer",
             )
         for layer in self.layers():  # the walk itself refuses maps that shrink below 1x1
@@ -218,9 +228,13 @@ class NetSpec:
 
 
 def _reject_unknown(data: dict, cls: type, where: str, extra: tuple[str, ...] = ()) -> None:
+    """Unknown fields and missing required ones (those without a default), each named."""
     known = {f.name for f in fields(cls)} | set(extra)
     unknown = sorted(set(data) - known)
     _require(not unknown, f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in data]
+    _require(not missing, f"{where}: missing field(s) {', '.join(map(repr, missing))}")
 
 
 def _block_from_dict(data: Any) -> Block:

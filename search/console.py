@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from search.record import Outcome, TrialRecord, best, count_trained, leaderboard, outcome_counts
+from search.storage import describe_storage
 
 console = Console(soft_wrap=True)  # log lines stay whole in files and CI logs
 
@@ -51,7 +52,7 @@ def print_leaderboard(result, opts) -> None:
         table.add_row(str(r.number), f"{r.values[0]:.2%}", f"{r.n_params:,}", str(r.receptive_field),
                       str(r.epochs_trained), r.config.optimizer, f"{r.config.lr:.3g}", f"{r.wall_s or 0:.0f}")
     console.print(table)
-    console.print(f"stored in {opts.storage_url}; trials table: {result.csv_path}")
+    console.print(f"stored in {describe_storage(opts.storage_url)}; trials table: {result.csv_path}")
 
 
 
@@ -66,3 +67,17 @@ def print_verdict(result: dict, seeds: int) -> None:
     per_seed = ", ".join(f"seed {r['seed']}: {r['final_test_acc']:.2%}" for r in result["seeds"])
     console.print(f"final-epoch test accuracy {per_seed}; {result['seeds_reaching_target']} of {seeds} "
                   f"seed{'s' if seeds > 1 else ''} reached {result['target']:.2%}", highlight=False)
+
+
+def print_front(summary: dict) -> None:
+    """front.json as a table: validation against certified test accuracy for every front trial, smallest first."""
+    table = Table(title=f"study {summary['study']}: the front at or above {summary['floor']:.2%} validation, "
+                        f"certified with {summary['seeds']} seed{'s' if summary['seeds'] > 1 else ''}",
+                  title_justify="left")
+    for col in ("trial", "params", "validation", "test (mean +- sd)", "rules"):
+        table.add_column(col, justify="right")
+    for e in summary["entries"]:
+        rules = "[green]all PASS[/]" if e["certified"] else "[red]FAIL: " + "; ".join(e["failed_rules"]) + "[/]"
+        table.add_row(str(e["trial"]), f"{e['n_params']:,}", f"{e['val_acc']:.2%}",
+                      f"{e['test_acc_mean']:.2%} +- {e['test_acc_std']:.2%}", rules)
+    console.print(table)

@@ -19,6 +19,7 @@ import torch
 
 ENV_VAR = "BUDGETNAS_DATA"
 DEFAULT_ROOT = "./data"
+MNIST_CLASSES = 10  # digits 0-9: a network must output this many logits
 N_VAL = 10_000  # held out from the 60,000 training images for model selection
 SPLIT_SEED = 20_000  # fixed: every trial and every study sees the same validation images
 MEAN, STD = 0.1307, 0.3081  # of MNIST training pixels scaled to [0, 1]
@@ -120,7 +121,7 @@ def _download(root: Path) -> None:
                 pass
         raise DataError(
             f"MNIST is not under {root.resolve()} (expected MNIST/raw/train-images-idx3-ubyte and the three other "
-            f"IDX files) and downloading it failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            f"IDX files) and downloading it failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}). "
             f"Point --data-dir or the {ENV_VAR} environment variable at a folder that holds MNIST/raw/*-ubyte."
         ) from None
 

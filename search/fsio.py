@@ -32,3 +32,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+class UnwritablePath(ValueError):
+    """A folder the product must write to and cannot; the message names it and the reason."""
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, a folder (or file) that cannot be made or written, writing nothing to find out: the
+    nearest part of the path that exists must be a folder this process may write in."""
+    path = Path(path).absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe != path and not probe.is_dir():
+        raise UnwritablePath(f"{path}: cannot be made, {probe} is a file")
+    if not os.access(probe, os.W_OK | (os.X_OK if probe.is_dir() else 0)):
+        where = "" if probe == path else f", {probe} is not writable"
+        raise UnwritablePath(f"{path}: cannot write there (permission denied or a read-only file system{where})")
+    return path

@@ -28,7 +28,7 @@ from models.budget import analyze, check, check_module
 from models.build import build
 from models.spec import Conv, ConvBlock, NetSpec, SpecError, Transition
 from search import space
-from search.engine import TrainConfig, fit
+from search.engine import TrainConfig, fit, planned_engine
 from search.options import SearchOptions
 from search.pruning import pareto_should_prune, rungs
 from search.record import Outcome, TrialWriter, count_trained, records
@@ -87,15 +87,18 @@ def gate_suggest(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | N
 def gate_budget(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | None:
     max_params = ctx.opts.max_params
     verdict = check(c.spec, max_params)
-    _record_spec(w, c.spec, c.cfg, max_params)
+    _record_spec(ctx, w, c.spec, c.cfg, max_params)
     if verdict.ok:
         return None
+    over_budget = verdict.n_params >= max_params
+    if not over_budget:  # a conv over its whole map: fully connected; narrower widths would not change that
+        return Refusal(Outcome.REJECTED, verdict.reasons[0], constraint=1)
     repaired = repair_spec(c.spec, max_params) if ctx.opts.repair else None
     if repaired is None:
         return Refusal(Outcome.REJECTED, verdict.reasons[0], constraint=w.get("constraint"))
     w.set(repaired_from=c.spec.to_json(indent=None), repair_reason=verdict.reasons[0])
     c.spec = repaired
-    _record_spec(w, c.spec, c.cfg, max_params)
+    _record_spec(ctx, w, c.spec, c.cfg, max_params)
     return None
 
 
@@ -115,7 +118,7 @@ def gate_duplicate(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal |
             value = None
             if r.state == TrialState.COMPLETE:
                 value = tuple(r.values) if ctx.opts.objective == "pareto" else r.values[0]
-            return Refusal(Outcome.DUPLICATE, f"same spec and training config as trial {r.number}",
+            return Refusal(Outcome.DUPLICATE, f"same spec, training config and engine settings as trial {r.number}",
                            duplicate_of=r.number, value=value)
     return None
 
@@ -138,7 +141,7 @@ def gate_claim(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | Non
     outcome, other = conflict
     if outcome == Outcome.SURPLUS:
         return Refusal(outcome, f"the study already has {ctx.opts.trials} trained trials", untrained=False)
-    return Refusal(outcome, f"same spec and training config as trial {other}, trained by another worker",
+    return Refusal(outcome, f"same spec, training config and engine settings as trial {other}, trained by another worker",
                    duplicate_of=other)
 
 
@@ -147,10 +150,11 @@ GATES = (gate_suggest, gate_budget, gate_receptive_field, gate_duplicate, gate_m
 
 # ---- recording --------------------------------------------------------------------------------------
 
-def _record_spec(w: TrialWriter, spec: NetSpec, cfg: TrainConfig, max_params: int) -> None:
+def _record_spec(ctx: TrialContext, w: TrialWriter, spec: NetSpec, cfg: TrainConfig, max_params: int) -> None:
     analysis = analyze(spec)
+    engine = planned_engine(cfg, ctx.device, analysis.macs, len(ctx.data[1]))
     w.set(spec=spec.to_json(indent=None), config=cfg.to_dict(), n_params=analysis.n_params,
-          receptive_field=analysis.receptive_field, macs=analysis.macs, key=spec_key(spec, cfg),
+          receptive_field=analysis.receptive_field, macs=analysis.macs, key=spec_key(spec, cfg, engine),
           constraint=float(analysis.n_params - max_params + 1))
 
 
@@ -232,7 +236,8 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
             return False
         states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
         return pareto_should_prune(trial.study.get_trials(deepcopy=False, states=states), trial.number,
-                                   c.n_params, record.epoch, record.val_acc)
+                                   c.n_params, record.epoch, record.val_acc,
+                                   images_seen=record.epoch * len(ctx.data[1]))
 
     start = time.perf_counter()
     try:
@@ -262,8 +267,9 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
 
 # ---- helpers of the gates ---------------------------------------------------------------------------
 
-def spec_key(spec: NetSpec, cfg: TrainConfig) -> str:
-    blob = json.dumps({"spec": spec.to_dict(), "cfg": cfg.to_dict()}, sort_keys=True)
+def spec_key(spec: NetSpec, cfg: TrainConfig, engine: dict) -> str:
+    """What makes two trials the same: network, training recipe, and the engine's precision and CPU shards."""
+    blob = json.dumps({"spec": spec.to_dict(), "cfg": cfg.to_dict(), "engine": engine}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 

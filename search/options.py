@@ -7,10 +7,15 @@ from dataclasses import dataclass, field
 from models.rules import RULES
 from search.data import N_VAL, SPLIT_SEED
 from search.pruning import PRUNERS
-from search.storage import HEARTBEAT, SearchError, default_storage_url, this_worker
+from search.storage import HEARTBEAT, SearchError, check_study_name, storage_url, this_worker
 
 SAMPLERS = ("tpe", "random", "nsga2")
+# Bounds on numbers that would otherwise be accepted and fail much later (or never end): far above real use.
+MAX_TRIALS = 100_000
+MAX_BUDGET = 10_000_000  # parameters; the space's largest network has about 200,000
+MAX_SEED = 2**31 - 1  # what numpy and torch seeds take
 OBJECTIVES = ("accuracy", "pareto")
+MIN_RF = 12  # pixels: by default candidates that see less of the 28-px digit are not trained (docs/search.md)
 
 
 @dataclass
@@ -31,7 +36,7 @@ class SearchOptions:
     data_dir: str | None = None
     warm_start: bool = True
     repair: bool = False
-    min_rf: int = 12  # receptive field in pixels: candidates seeing less of the 28-px digit are not trained
+    min_rf: int = MIN_RF  # receptive field in pixels: candidates seeing less of the digit are not trained
     max_rejections: int = 200  # consecutive untrained suggestions before giving up
     threads: int | None = None  # torch CPU threads for this process; default: cores / jobs
     heartbeat: tuple[int, int] = HEARTBEAT  # seconds: heartbeat interval, grace before a silent trial is failed
@@ -43,12 +48,16 @@ class SearchOptions:
             raise SearchError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: {limit}")
 
         top = RULES.max_epochs
-        if self.trials < 1:
-            bad("trials", "must be at least 1")
+        check_study_name(self.study)
+        storage_url(self.storage, self.results_dir, self.study)  # refuses in-memory SQLite
+        if not 1 <= self.trials <= MAX_TRIALS:
+            bad("trials", f"must be from 1 to {MAX_TRIALS:,}")
+        if not 0 <= self.seed <= MAX_SEED:
+            bad("seed", f"must be from 0 to {MAX_SEED:,}")
         if not 1 <= self.epochs <= top:
             bad("epochs", f"must be from 1 to {top} (the exercise allows at most {top} epochs)")
-        if self.max_params < 1:
-            bad("max_params", "must be at least 1")
+        if not 1 <= self.max_params <= MAX_BUDGET:
+            bad("max_params", f"must be from 1 to {MAX_BUDGET:,}")
         if self.objective not in OBJECTIVES:
             bad("objective", f"must be one of {', '.join(OBJECTIVES)}")
         if self.sampler not in SAMPLERS:
@@ -68,7 +77,7 @@ class SearchOptions:
 
     @property
     def storage_url(self) -> str:
-        return self.storage or default_storage_url(self.results_dir, self.study)
+        return storage_url(self.storage, self.results_dir, self.study)
 
     def setup(self) -> dict:
         """What makes two runs comparable: a study refuses to be continued with a different set-up."""

@@ -12,6 +12,13 @@ from search.record import TrialRecord
 
 PRUNERS = ("sha", "hyperband", "median", "none")
 RUNG_FACTOR = 3  # successive halving: rungs at epochs 1, 3, 9; a third of the trials at a rung go on to the next
+# A pareto trial still under NOT_LEARNING validation accuracy (fraction; five times chance on 10 classes) at a rung
+# after NOT_LEARNING_IMAGES training images (an epoch of the full split) stops, rivals or not: it has not started to
+# learn (most such draws lack BatchNorm or have a poor learning rate, docs/search.md). Without this floor the smallest
+# of them, having no smaller rivals, would train all their epochs. Counted in images so that a quick look on a
+# small --subset is not judged after a few hundred steps.
+NOT_LEARNING = 0.5
+NOT_LEARNING_IMAGES = 50_000
 
 
 def make_pruner(name: str, objective: str, epochs: int) -> optuna.pruners.BasePruner:
@@ -35,13 +42,17 @@ def rungs(epochs: int) -> list[int]:
     return out
 
 
-def pareto_should_prune(trials: list[FrozenTrial], number: int, n_params: int, epoch: int, val_acc: float) -> bool:
+def pareto_should_prune(trials: list[FrozenTrial], number: int, n_params: int, epoch: int, val_acc: float,
+                        images_seen: int = 0) -> bool:
     """Successive halving for the accuracy/size front.
 
     At each rung a trial competes only with the trials that could dominate it: those with no more parameters that
     reached the same epoch. It goes on if it is in the top third of them and itself (the best, while there are fewer
-    than five rivals), so a small net is never pruned for being less accurate than bigger ones.
+    than five rivals), so a small net is never pruned for being less accurate than bigger ones. A trial under
+    NOT_LEARNING after `images_seen` >= NOT_LEARNING_IMAGES training images stops whatever its rivals.
     """
+    if images_seen >= NOT_LEARNING_IMAGES and val_acc < NOT_LEARNING:
+        return True
     rivals = sorted((r.history[epoch - 1]["val_acc"] for r in map(TrialRecord, trials)
                      if r.number != number and (r.n_params if r.n_params is not None else math.inf) <= n_params
                      and len(r.history) >= epoch), reverse=True)

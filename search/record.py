@@ -9,7 +9,8 @@ Outcomes (the user attribute "outcome"):
     pending      the trial has started and has not been judged yet
     rejected     over the budget, an invalid layout, or a receptive field under the minimum: never trained; PRUNED,
                  with a positive constraint value so that the sampler learns to avoid it
-    duplicate    same spec and training config as a stored trial: that trial's result is reused, nothing trained
+    duplicate    same spec, training config and engine settings (precision, CPU shards) as a stored trial: that
+                 trial's result is reused, nothing trained
     training     claimed a training slot and is training now (state RUNNING)
     completed    trained to the last epoch
     pruned       stopped early by the pruner
@@ -174,6 +175,16 @@ def smallest_reaching(done: list[TrialRecord], target: float) -> TrialRecord | N
     return min(reached, key=lambda r: (r.n_params, -r.values[0])) if reached else None
 
 
+def pareto_front(done: list[TrialRecord]) -> list[TrialRecord]:
+    """The trials no other trial dominates (at least as accurate with no more parameters, better in one), smallest
+    first: the accuracy/size front."""
+    front: list[TrialRecord] = []
+    for r in sorted(done, key=lambda r: (r.n_params, -r.values[0])):
+        if not front or r.values[0] > front[-1].values[0]:
+            front.append(r)
+    return front
+
+
 def count_trained(study: optuna.Study) -> int:
     return sum(r.is_trained for r in records(study))
 
@@ -183,6 +194,20 @@ def outcome_counts(study: optuna.Study) -> dict[str, int]:
     for r in records(study):
         counts[r.outcome.value] = counts.get(r.outcome.value, 0) + 1
     return counts
+
+
+def nothing_trained_well(study: optuna.Study) -> str | None:
+    """Why a study whose trained trials all failed (none completed or pruned) has nothing to show; else None."""
+    recs = records(study)
+    trained = [r for r in recs if r.is_trained or r.outcome == Outcome.STALE]
+    if not trained or any(r.outcome in (Outcome.COMPLETED, Outcome.PRUNED, Outcome.TRAINING) for r in trained):
+        return None
+    reasons: dict[str, int] = {}
+    for r in trained:
+        reasons[r.reason or r.outcome.value] = reasons.get(r.reason or r.outcome.value, 0) + 1
+    common, n = max(reasons.items(), key=lambda item: item[1])
+    return (f"every one of the study's {len(trained)} trained trials failed, none completed or was pruned; "
+            f"{n} of them: {common}")
 
 
 def trial_frame(study: optuna.Study):

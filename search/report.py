@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from models.budget import analyze
 from models.rules import RULES
 from search.fsio import atomic_write_text
-from search.record import TRAINED, Outcome, best_of, candidates, outcome_counts, trial_frame
+from search.record import TRAINED, Outcome, best_of, candidates, outcome_counts, pareto_front, trial_frame
 
 
 @dataclass
@@ -41,19 +41,10 @@ class ReportData:
     max_params: int = RULES.max_params
     target: float = RULES.target_accuracy
     objective: str = "accuracy"
+    front_certified: dict | None = None  # front.json, when `best --front` has run
 
 
-def pareto_front(points: list[tuple[int, float, int]]) -> list[int]:
-    """Trial numbers not dominated in (higher accuracy, fewer parameters); points are (number, acc, params)."""
-    front = []
-    for number, acc, params in points:
-        dominated = any((a >= acc and p <= params) and (a > acc or p < params) for _, a, p in points)
-        if not dominated:
-            front.append(number)
-    return sorted(front)
-
-
-def collect(study: optuna.Study, certification: dict | None = None) -> ReportData:
+def collect(study: optuna.Study, certification: dict | None = None, front: dict | None = None) -> ReportData:
     frame = trial_frame(study)
     counts = outcome_counts(study)
     setup = study.user_attrs.get("setup", {})
@@ -67,15 +58,19 @@ def collect(study: optuna.Study, certification: dict | None = None) -> ReportDat
                 "receptive_field": top.receptive_field}
         winner_spec = json.loads(top.spec.to_json())
         winner_layers = [dict(row.__dict__) for row in analyze(top.spec).layers]
-    points = [(r.number, r.values[0], r.n_params) for r in done]
     n_trained = sum(counts.get(k.value, 0) for k in TRAINED)
     time_spent = float(frame["wall_s"].fillna(0).sum()) if "wall_s" in frame else 0.0
-    return ReportData(study.study_name, frame, counts, n_trained, best, pareto_front(points), time_spent,
+    return ReportData(study.study_name, frame, counts, n_trained, best, sorted(r.number for r in pareto_front(done)),
+                      time_spent,
                       winner_layers, winner_spec, certification, setup.get("max_params", RULES.max_params),
-                      RULES.target_accuracy, setup.get("objective", "accuracy"))
+                      RULES.target_accuracy, setup.get("objective", "accuracy"), front)
 
 
 # ---- figures ----------------------------------------------------------------------------------
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
+
 
 def fig_params_vs_accuracy(data: ReportData) -> go.Figure:
     f = data.frame
@@ -90,6 +85,15 @@ def fig_params_vs_accuracy(data: ReportData) -> go.Figure:
     if len(front):
         fig.add_trace(go.Scatter(x=front["n_params"], y=front["val_acc"] * 100, mode="lines+markers",
                                  name="Pareto front", line={"dash": "dot"}, marker={"size": 12, "symbol": "star"}))
+    certified = (data.front_certified or {}).get("entries", [])
+    if certified:  # the test accuracy of the front's trials, retrained on 60,000 images: mean and spread over seeds
+        fig.add_trace(go.Scatter(
+            x=[e["n_params"] for e in certified], y=[e["test_acc_mean"] * 100 for e in certified],
+            error_y={"type": "data", "array": [e["test_acc_std"] * 100 for e in certified]},
+            mode="lines+markers", name=f"certified test accuracy ({_seeds(data.front_certified['seeds'])})",
+            marker={"size": 11, "symbol": "diamond"}, line={"dash": "dash"},
+            text=[f"trial {e['trial']}" for e in certified],
+            hovertemplate="%{text}<br>%{x:,} params<br>test %{y:.2f}%<extra></extra>"))
     rejected = f[f["outcome"] == Outcome.REJECTED]
     if len(rejected):
         y_floor = (trained["val_acc"].min() * 100 - 0.5) if len(trained) else 90
@@ -102,7 +106,8 @@ def fig_params_vs_accuracy(data: ReportData) -> go.Figure:
                   annotation_text=f"target {data.target:.1%}", annotation_position="top left")
     # Parameters on a log axis (the small end is what users come for); accuracy on the range where trials differ:
     # from just under the target, or lower where a quarter of the trained trials lie, to 100%.
-    accuracies = trained["val_acc"].dropna() * 100
+    accuracies = pd.concat([trained["val_acc"].dropna() * 100,
+                            pd.Series([e["test_acc_mean"] * 100 for e in certified], dtype=float)])
     low = min(data.target * 100 - 1.0, float(accuracies.quantile(0.25)) - 0.5) if len(accuracies) else 90.0
     fig.update_layout(title="Parameters against validation accuracy", xaxis_title="parameters (log scale)",
                       yaxis_title="validation accuracy (%)", xaxis_type="log",
@@ -143,6 +148,7 @@ def fig_layout(data: ReportData) -> go.Figure:
     """The winner drawn as a row of boxes: height is the feature map's side, width grows with its channels."""
     fig = go.Figure()
     x = 0.0
+    centres, hovers = [], []
     for row in data.winner_layers:
         if row["op"] == "bn":
             continue
@@ -153,7 +159,13 @@ def fig_layout(data: ReportData) -> go.Figure:
                       line={"width": 1})
         fig.add_annotation(x=x + width / 2, y=side / 2 + 1.5, text=f"{row['name']}<br>{'x'.join(map(str, row['out_shape']))}",
                            showarrow=False, font={"size": 9})
+        centres.append(x + width / 2)
+        hovers.append(f"{row['name']} ({row['op']})<br>{'x'.join(map(str, row['out_shape']))}<br>"
+                      f"{row['n_params']:,} params, {row['macs']:,} MACs")
         x += width + 0.6
+    # One point per box, for its hover text: parameters and MACs of the layer.
+    fig.add_trace(go.Scatter(x=centres, y=[0] * len(centres), mode="markers", marker={"size": 6, "color": "white"},
+                             hovertext=hovers, hoverinfo="text"))
     fig.update_xaxes(visible=False, range=[-0.5, x + 0.5])  # shapes alone do not size the axes
     fig.update_yaxes(visible=False, range=[-18, 20])
     fig.update_layout(title="The winner's layout (box height: map side in pixels; width: channels)", height=320,
@@ -181,6 +193,10 @@ def fig_certification(cert: dict) -> go.Figure:
     return fig
 
 
+class FigureFailed(str):
+    """A figure that could not be made: drawn as an error note (class 'error'), which the report's tests look for."""
+
+
 def _optuna_figures(study: optuna.Study, data: ReportData) -> list[tuple[str, go.Figure | str]]:
     from optuna import visualization as vis
 
@@ -202,8 +218,8 @@ def _optuna_figures(study: optuna.Study, data: ReportData) -> list[tuple[str, go
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out.append((title, make()))
-        except Exception as exc:  # importances need params shared by several trials, for example
-            out.append((title, f"not available: {type(exc).__name__}: {exc}"))
+        except Exception as exc:  # a failure is shown as one, never as a figure drawn
+            out.append((title, FigureFailed(f"{type(exc).__name__}: {exc}")))
     return out
 
 
@@ -288,7 +304,9 @@ def render(data: ReportData, study: optuna.Study) -> str:  # long: the page's se
     def figure(title: str, fig: go.Figure | str, fig_id: str) -> None:
         nonlocal plotly_included
         if isinstance(fig, str):
-            parts.append(f'<section id="{fig_id}"><h2>{html.escape(title)}</h2><p class="note">{html.escape(fig)}</p></section>')
+            kind, text = ("note error", f"could not be drawn: {fig}") if isinstance(fig, FigureFailed) else ("note", fig)
+            parts.append(f'<section id="{fig_id}"><h2>{html.escape(title)}</h2><p class="{kind}">{html.escape(text)}</p>'
+                         "</section>")
             return
         fig.update_layout(template="plotly_white", margin={"t": 30}, title_text="")  # the h2 above is the title
         div = fig.to_html(full_html=False, include_plotlyjs=not plotly_included, div_id=fig_id,
@@ -336,6 +354,15 @@ def render(data: ReportData, study: optuna.Study) -> str:  # long: the page's se
                      f"<table><tbody>{rules}</tbody></table></section>")
         figure("Train against test, per seed (train figures: on the augmented, label-smoothed batches)",
                fig_certification(cert), "certification-curves")
+    if data.front_certified and data.front_certified.get("entries"):
+        fc = data.front_certified
+        rows = [{"trial": e["trial"], "parameters": f"{e['n_params']:,}", "validation": f"{e['val_acc']:.2%}",
+                 "test (mean +- sd)": f"{e['test_acc_mean']:.2%} +- {e['test_acc_std']:.2%}",
+                 "rules": "all pass" if e["certified"] else "fails: " + "; ".join(e["failed_rules"])}
+                for e in fc["entries"]]
+        parts.append(f"<section id='certified-front'><h2>The certified front (cli.py best --front): "
+                     f"{_seeds(fc['seeds'])} each, validation at or above {fc['floor']:.2%}</h2>"
+                     + _table(rows, list(rows[0])) + "</section>")
     if n_trials:
         parts.append("<section id='trials'><h2>Every trial (click a column to sort)</h2><div class='scroll'>"
                      + _table(trial_rows(data.frame), list(TRIAL_COLUMNS), sortable=True, table_id="trial-table")
@@ -345,7 +372,8 @@ def render(data: ReportData, study: optuna.Study) -> str:  # long: the page's se
             + "\n".join(parts) + f"<script>{_SORT_JS}</script></body></html>")
 
 
-def write_report(study: optuna.Study, results_dir: str, certification: dict | None = None) -> Path:
-    data = collect(study, certification)
+def write_report(study: optuna.Study, results_dir: str, certification: dict | None = None,
+                 front: dict | None = None) -> Path:
+    data = collect(study, certification, front)
     path = Path(results_dir) / study.study_name / "report.html"
     return atomic_write_text(path, render(data, study))

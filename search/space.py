@@ -16,6 +16,8 @@ Layouts that shrink the map below 1x1 raise `SpecError` from `NetSpec` and are r
 
 from __future__ import annotations
 
+import functools
+
 import optuna
 
 from models.budget import count_params
@@ -96,7 +98,57 @@ def fit_widths(spec: NetSpec, target: int) -> NetSpec:
     for _ in range(30):
         mid = (low + high) / 2
         low, high = (mid, high) if count_params(_scaled(spec, mid)) <= target else (low, mid)
-    return _scaled(spec, low)
+    return _filled(_scaled(spec, low), target)
+
+
+def _widths(spec: NetSpec) -> list[int]:
+    return [c.out_channels for b in spec.blocks for c in (b.convs if isinstance(b, ConvBlock) else (b,))]
+
+
+def _with_widths(spec: NetSpec, widths: list[int]) -> NetSpec:
+    it = iter(widths)
+    blocks = tuple(ConvBlock(tuple(Conv(next(it), c.kernel, c.padding) for c in b.convs), b.batchnorm, b.dropout,
+                             b.pool) if isinstance(b, ConvBlock) else Transition(next(it), b.batchnorm, b.pool)
+                   for b in spec.blocks)
+    return NetSpec(blocks, spec.head, spec.in_channels, spec.input_size, spec.num_classes)
+
+
+def _filled(spec: NetSpec, target: int) -> NetSpec:
+    """Widen single layers by 2, first to last and again, while the count stays within `target`: with widths of 4
+    to 8 one uniform step of 2 moves the count by up to a third, which this gives back."""
+    widths = _widths(spec)
+    grew = True
+    while grew:
+        grew = False
+        for i in range(len(widths)):
+            trial = widths[:i] + [widths[i] + 2] + widths[i + 1:]
+            if count_params(_with_widths(spec, trial)) <= target:
+                widths, grew = trial, True
+    return _with_widths(spec, widths)
+
+
+@functools.lru_cache(maxsize=None)
+def smallest_params(min_rf: int) -> int:
+    """Parameters of the smallest network the space can make (every width at the narrowest `fit_widths` gives)
+    whose receptive field is at least `min_rf` px: under this budget every candidate is refused."""
+    from itertools import product
+
+    from models.budget import analyze
+    from models.spec import SpecError
+
+    best = None
+    for n_blocks in range(1, MAX_BLOCKS + 1):
+        for convs, paddings, pools in product(product((1, 2, 3), repeat=n_blocks), product((0, 1), repeat=n_blocks),
+                                              product((True, False), repeat=n_blocks)):
+            blocks = tuple(ConvBlock(tuple(Conv(2, 3, p) for _ in range(n)), True, 0.0, pool)
+                           for n, p, pool in zip(convs, paddings, pools))
+            try:
+                analysis = analyze(NetSpec(blocks, Head("conv_gap")))
+            except SpecError:
+                continue
+            if (analysis.receptive_field or 0) >= min_rf and (best is None or analysis.n_params < best):
+                best = analysis.n_params
+    return best if best is not None else 10**9
 
 
 def encode(spec: NetSpec, cfg: TrainConfig, param_target: bool = False) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 import time
 import warnings
@@ -14,7 +15,8 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from search.record import Outcome, records
+from search.fsio import atomic_write_text, check_writable
+from search.record import STALE_REASON, Outcome, records
 
 HEARTBEAT = (10, 60)  # seconds: a worker beats every 10 s; a RUNNING trial silent for 60 s is failed and retried
 
@@ -59,6 +61,76 @@ def default_storage_url(results_dir: str, study: str) -> str:
     return f"sqlite:///{Path(results_dir) / (study + '.db')}"
 
 
+# Letters, digits, '-', '_' and '.', not starting with a dot: a study name becomes a file and a folder name.
+STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
+def check_study_name(name: str) -> str:
+    if not STUDY_NAME.fullmatch(name or ""):
+        raise SearchError(f"--study {name!r}: a study name is 1 to 100 letters, digits, '-', '_' or '.', not "
+                          "starting with a dot (it names the study's database file and folder)")
+    return name
+
+
+def storage_url(url: str | None, results_dir: str, study: str) -> str:
+    """The storage URL to use: the default SQLite file, a plain file path taken as SQLite (absolute), or the URL
+    given; in-memory SQLite is refused (nothing would be kept)."""
+    if url is None:
+        return default_storage_url(results_dir, study)
+    if "://" not in url:  # a plain path: an SQLite file there
+        return f"sqlite:///{Path(url).expanduser().resolve()}"
+    if url.startswith("sqlite"):
+        path = url.split("://", 1)[1]
+        if not path.startswith("/") or path in ("/", "/:memory:") or "mode=memory" in path:
+            raise SearchError(f"--storage {url!r}: an in-memory SQLite database keeps nothing once the command ends; "
+                              f"give a file, for example sqlite:///{Path(results_dir) / (study + '.db')}")
+    return url
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file behind an SQLite URL (relative to the current folder after three slashes), else None."""
+    return Path(url.split(":///", 1)[1].split("?", 1)[0]) if url.startswith("sqlite:///") else None
+
+
+def describe_storage(url: str) -> str:
+    """The URL, with the absolute file for SQLite: sqlite:///tmp/x is ./tmp/x, which people do not always expect."""
+    path = sqlite_file(url)
+    return f"{url} (the file {path.resolve()})" if path is not None else url
+
+
+STORAGE_MARKER = ".storage"  # in each study's results folder: the storage URL whose study owns the folder
+
+
+def _owner(results_dir: str, study: str, url: str) -> tuple[Path, str, str | None]:
+    folder = Path(results_dir) / study
+    db = sqlite_file(url)
+    url = f"sqlite:///{db.resolve()}" if db is not None else url
+    marker = folder / STORAGE_MARKER
+    return marker, url, marker.read_text().strip() if marker.is_file() else None
+
+
+def check_results_folder(results_dir: str, study: str, url: str) -> None:
+    """Before any work, writing nothing: the study's results folder (trials.csv, report, certificates) and its
+    SQLite file can be written, and the folder is not another storage's study of the same name (their files would
+    overwrite each other)."""
+    check_writable(Path(results_dir) / study)
+    db = sqlite_file(url)
+    if db is not None:
+        check_writable(db)
+    marker, url, owner = _owner(results_dir, study, url)
+    if owner is not None and owner != url:
+        raise SearchError(f"{marker.parent} holds the files of study {study!r} in {owner}, not {url}; give another "
+                          "--results-dir (or --study) for this one")
+
+
+def claim_results_folder(results_dir: str, study: str, url: str) -> None:
+    """Mark the study's results folder as this storage's (once the study is open)."""
+    check_results_folder(results_dir, study, url)
+    marker, url, owner = _owner(results_dir, study, url)
+    if owner is None:
+        atomic_write_text(marker, url + "\n")
+
+
 def study_names(storage) -> list[str]:
     return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
 
@@ -77,8 +149,10 @@ def check_setup(storage, study_name: str, setup: dict) -> None:
     if study_name not in study_names(storage):
         return
     stored = optuna.load_study(study_name=study_name, storage=storage).user_attrs.get("setup")
-    if stored is not None and stored != setup:
-        diff = ", ".join(f"{k} was {stored.get(k)!r}, now {v!r}" for k, v in setup.items() if stored.get(k) != v)
+    # Keys a study stored: an older study, made before a key was added, is compared on the keys it has.
+    changed = {k: v for k, v in setup.items() if k in (stored or {}) and stored[k] != v}
+    if changed:
+        diff = ", ".join(f"{k} was {stored.get(k)!r}, now {v!r}" for k, v in changed.items())
         raise SearchError(f"study {study_name!r} was created with a different set-up ({diff}); "
                           "continue it with its own options, or give a new --study name")
 
@@ -121,6 +195,27 @@ def claim_conflict(study: optuna.Study, number: int, key: str | None, n_trials: 
     return None if ahead < n_trials else (Outcome.SURPLUS, None)
 
 
+def claim_worker_index(study: optuna.Study, worker: str, settle_s: float = 0.2) -> int:
+    """The lowest worker index not yet claimed in the study's storage (user attributes worker_0, worker_1, ...),
+    claimed for `worker` (host:pid); a worker that claimed one before gets it back.
+
+    Storage offers no compare-and-set, so a claim is written, left `settle_s` seconds, and read back: of two workers
+    that write one index at once, the one overwritten moves on. Two that also read back in the same instant can
+    still share an index (and a sampler seed); docs/search.md says what is repeatable with several workers.
+    """
+    for index in range(100_000):
+        key = f"worker_{index}"
+        owner = study.user_attrs.get(key)
+        if owner == worker:
+            return index
+        if owner is None:
+            study.set_user_attr(key, worker)
+            time.sleep(settle_s)
+            if study.user_attrs.get(key) == worker:
+                return index
+    raise SearchError(f"study {study.study_name!r}: no free worker index among 100,000")
+
+
 def fail_dead_local_trials(study: optuna.Study) -> list[int]:
     """RUNNING trials of a worker on this machine whose process is gone (SIGKILL, a crash): fail them now and queue
     their parameters again once, rather than waiting for the heartbeat grace period. Returns their numbers."""
@@ -131,6 +226,10 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
         worker_host, _, pid = r.worker.rpartition(":")
         if worker_host != host or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
             continue
+        # The outcome is written while the trial can still be updated (a finished trial cannot), so the report and
+        # trials.csv say why it stopped instead of showing it "training".
+        study._storage.set_trial_user_attr(r.trial._trial_id, "outcome", Outcome.STALE.value)
+        study._storage.set_trial_user_attr(r.trial._trial_id, "reason", STALE_REASON)
         if study._storage.set_trial_state_values(r.trial._trial_id, TrialState.FAIL):
             dead.append(r.number)
             if r.number not in retried:

@@ -8,7 +8,7 @@ What one trial does is in search/objective.py; what it stores, in search/record.
 
 from __future__ import annotations
 
-import os
+import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -16,25 +16,27 @@ from pathlib import Path
 from typing import Callable
 
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
+from models.budget import count_params
 from models.presets import PRESETS
 from search import space
 from search.data import load_mnist
 from search.engine import TrainConfig, resolve_device, to_device
-from search.engine.runtime import set_cpu_threads
+from search.engine.runtime import set_cpu_threads, use_bf16
 from search.fsio import atomic_write_text
 from search.objective import TrialContext, TrialFailed, make_objective
 from search.options import SearchOptions
 from search.pruning import make_pruner
 from search.record import count_trained, outcome_counts, trial_frame
-from search.storage import check_setup, fail_dead_local_trials, open_storage, provenance
+from search.storage import (SearchError, check_setup, claim_results_folder, claim_worker_index, fail_dead_local_trials,
+                            open_storage, provenance)
 
-def make_sampler(opts: SearchOptions) -> optuna.samplers.BaseSampler:
-    seed = opts.seed
-    if opts.storage is not None:
-        # A shared storage means workers: with one seed they would all suggest the same candidates in lockstep.
-        seed = (opts.seed * 1_000_003 + os.getpid()) % 2**31
+
+def make_sampler(opts: SearchOptions, worker_index: int = 0) -> optuna.samplers.BaseSampler:
+    # Workers sharing a study: with one seed they would all suggest the same candidates in lockstep, so each takes
+    # its own from the study's seed and the index it claimed in the storage (the first worker: the seed itself).
+    seed = opts.seed if worker_index == 0 else (opts.seed * 1_000_003 + worker_index) % 2**31
     if opts.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if opts.sampler == "nsga2":
@@ -46,18 +48,52 @@ def make_sampler(opts: SearchOptions) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, multivariate=True, group=True)
 
 
+def _retries_first(study: optuna.Study) -> None:
+    """Pop the queued retries of interrupted or killed trials before the other queued trials (presets), so a retry
+    is never left waiting while the study reaches --trials. Optuna pops in storage order and offers no priority;
+    this replaces its private `_pop_waiting_trial_id` on this study object with the same atomic claim
+    (WAITING -> RUNNING succeeds for one worker only) over the waiting trials in another order."""
+    def pop() -> int | None:
+        waiting = study._storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+        def is_retry(t: FrozenTrial) -> bool:  # ours (Ctrl-C, a dead local worker) or Optuna's (heartbeat)
+            return "retry_of" in t.user_attrs or "failed_trial" in t.system_attrs
+
+        for trial in sorted(waiting, key=lambda t: (not is_retry(t), t.number)):
+            try:
+                if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                    return trial._trial_id
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        return None
+
+    study._pop_waiting_trial_id = pop
+
+
 def open_study(opts: SearchOptions) -> optuna.Study:
+    smallest = space.smallest_params(opts.min_rf)
+    if opts.max_params <= smallest:  # every candidate would be refused, after --max-rejections of them
+        raise SearchError(f"--max-params={opts.max_params:,}: the smallest network of the search space with a receptive "
+                          f"field of at least {opts.min_rf} px (--min-rf) has {smallest:,} parameters; give a budget "
+                          f"above {smallest:,}")
     storage = open_storage(opts.storage_url, opts.heartbeat)
-    check_setup(storage, opts.study, opts.setup())
+    # The precision the engine trains in here joins the set-up: bf16 and fp32 results are not comparable.
+    setup = {**opts.setup(), "precision": "bf16" if use_bf16(resolve_device(opts.device), "auto") else "fp32"}
+    check_setup(storage, opts.study, setup)
     directions = ["maximize"] if opts.objective == "accuracy" else ["maximize", "minimize"]
     study = optuna.create_study(study_name=opts.study, storage=storage, directions=directions,
                                 sampler=make_sampler(opts), pruner=make_pruner(opts.pruner, opts.objective, opts.epochs),
                                 load_if_exists=True)
+    _retries_first(study)
+    if opts.storage is not None:  # a storage given by name may be shared by workers
+        study.sampler = make_sampler(opts, claim_worker_index(study, opts.worker))
     if "setup" not in study.user_attrs:
-        study.set_user_attr("setup", opts.setup())
+        study.set_user_attr("setup", setup)
         study.set_user_attr("provenance", provenance())
         if opts.warm_start:
-            for name, spec in PRESETS.items():
+            presets = PRESETS.items()
+            if opts.objective == "pareto":  # smallest first: each bigger preset then meets its smaller rivals at the rungs
+                presets = sorted(presets, key=lambda item: count_params(item[1]))
+            for name, spec in presets:
                 cfg = TrainConfig(epochs=opts.epochs, seed=opts.seed)
                 params = space.encode(spec, cfg, param_target=opts.objective == "pareto")
                 study.enqueue_trial(params, user_attrs={"preset": name}, skip_if_exists=True)
@@ -82,11 +118,33 @@ def write_trials_csv(study: optuna.Study, path: Path) -> Path:
     return atomic_write_text(path, trial_frame(study).to_csv(index=False))
 
 
+class _QuietHandledFailures(logging.Filter):
+    """Drop Optuna's "Trial N failed with parameters ..." record (with its traceback) and the "failed with value"
+    line after it, for the failures budgetnas reports itself: a trial that failed in training (TrialFailed) and
+    Ctrl-C or SIGTERM (one line from the CLI)."""
+
+    dropped_last = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "failed with value" in message and self.dropped_last:
+            self.dropped_last = False
+            return False
+        self.dropped_last = "failed with parameters" in message and any(
+            name in message for name in ("KeyboardInterrupt", "Interrupted(", "TrialFailed("))
+        return not self.dropped_last
+
+
+_QUIET = _QuietHandledFailures()
+logging.getLogger("optuna.study._optimize").addFilter(_QUIET)  # the logger that reports failed trials
+
+
 def run_search(opts: SearchOptions, log: Callable[[str], None] = print, progress: bool | None = None,
                on_trial_end: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> SearchResult:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     device = resolve_device(opts.device)
     study = open_study(opts)
+    claim_results_folder(opts.results_dir, opts.study, opts.storage_url)
     csv_path = trials_csv_path(opts.results_dir, opts.study)
     start = time.perf_counter()
     for number in fail_dead_local_trials(study):

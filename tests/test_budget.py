@@ -1,5 +1,6 @@
 """The budget checker: analytic counts against torch, receptive fields by hand, and the refusals."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -46,7 +47,8 @@ def test_analytic_count_equals_torch_for_random_specs(spec):
 
 def test_preset_counts_are_exact():
     assert {name: count_params(s) for name, s in PRESETS.items()} == {
-        "baseline": 19_674, "small": 7_860, "tiny": 5_106, "compact": 7_442, "threeblock": 9_778}
+        "baseline": 19_674, "small": 7_860, "tiny": 5_106, "compact": 7_442, "threeblock": 9_778,
+        "micro": 4_582}
     assert 19_000 <= count_params(PRESETS["baseline"]) < 20_000
 
 
@@ -177,3 +179,68 @@ def test_forward_that_cannot_run_is_refused_not_passed():
     verdict = check_module(Broken())
     assert not verdict.ok
     assert any("could not be traced" in r or "failed" in r for r in verdict.reasons)
+
+
+# ---- fully connected layers without nn.Linear ---------------------------------------------------------------------
+
+class WholeImageConv(nn.Module):
+    """One 28x28 kernel over the 28x28 image: every output sees every pixel, a Linear layer by another name."""
+
+    def __init__(self, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 10, 28, padding=padding)
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3))
+
+
+class WholeMapConvDeepInside(nn.Module):
+    """Legit 3x3 convs down to a 7x7 map, then a 7x7 kernel over it."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4))
+        self.span = nn.Conv2d(8, 10, 7)
+
+    def forward(self, x):
+        return self.span(self.features(x)).flatten(1)
+
+
+class PositionsIntoChannels(nn.Module):
+    """The map's positions reshaped into channels, a ReLU, then a 1x1 conv: a fully connected layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=3)
+        self.mix = nn.Conv2d(4 * 9 * 9, 10, 1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        h = torch.relu(h.reshape(h.shape[0], -1, 1, 1))
+        return self.mix(h).flatten(1)
+
+
+@pytest.mark.parametrize("net, words", [
+    (WholeImageConv(), "28x28 kernel over its whole 28x28 input map"),
+    (WholeImageConv(padding=1), "28x28 kernel over its whole 28x28 input map"),
+    (WholeMapConvDeepInside(), "7x7 kernel over its whole 7x7 input map"),
+    (PositionsIntoChannels(), "positions were reshaped into channels"),
+])
+def test_fully_connected_layers_in_conv_clothing_are_refused(net, words):
+    verdict = check_module(net)
+    assert not verdict.ok and verdict.n_params < 20_000
+    assert any(words in r and "fully connected" in r for r in verdict.reasons), verdict.reasons
+
+
+def test_a_spec_conv_over_its_whole_map_is_refused_and_the_gap_conv_head_is_not():
+    # 28 -> 26 -> pool 13 -> 11 -> pool 5 -> 3 -> 1: the last 3x3 conv spans its whole 3x3 map.
+    block = lambda *c: ConvBlock(tuple(Conv(x, 3, 0) for x in c), True, 0.0, True)  # noqa: E731
+    spec = NetSpec((block(8), block(8), ConvBlock((Conv(8), Conv(8)), True, 0.0, False)), Head("conv_gap"))
+    verdict = check(spec)
+    assert not verdict.ok
+    assert verdict.reasons == ("b3.conv2: a 3x3 kernel over its whole 3x3 input map, a fully connected layer",)
+    module_verdict = check_module(build(spec))
+    assert not module_verdict.ok and "3x3 kernel over its whole 3x3 input map" in module_verdict.reasons[0]
+    # GAP then a 1x1 conv on the 1x1 map: one position has nothing to connect (and it equals 1x1 conv then GAP).
+    gap_first = NetSpec(PRESETS["micro"].blocks, Head("gap_conv"))
+    assert check(gap_first).ok and check_module(build(gap_first)).ok

@@ -92,3 +92,55 @@ def test_truncated_idx_file_exits_2(mnist_copy):
     result = runner.invoke(app, ["data", "--data-dir", str(mnist_copy)])
     assert result.exit_code == 2
     assert "train-images-idx3-ubyte: 1,000,000 bytes, expected 47,040,016" in result.output
+
+
+def test_check_refuses_what_it_cannot_judge_and_judges_like_the_search(tmp_path):
+    source = tmp_path / "things.py"
+    source.write_text("NotAModule = 3\n\nclass Plain:\n    pass\n")
+    for name in ("NotAModule", "Plain"):
+        out = runner.invoke(app, ["check", f"{source}:{name}"])
+        assert out.exit_code == 2 and f"{name} is a" in out.output and "not a torch.nn.Module class" in out.output
+        assert "Traceback" not in out.output
+    out = runner.invoke(app, ["check", str(source)])
+    assert out.exit_code == 2 and f"{source}:ClassName" in out.output and "JSON" not in out.output
+
+    def spec_file(name, data):
+        path = tmp_path / name
+        path.write_text(json.dumps(data))
+        return str(path)
+
+    block = {"type": "conv_block", "convs": [{"out_channels": 8}] * 3, "pool": True}
+    # Shrinks below 1x1: a network refused by the rules (exit 1), not unusable input.
+    shrinking = spec_file("shrink.json", {"blocks": [block] * 3})
+    out = runner.invoke(app, ["check", shrinking])
+    assert out.exit_code == 1 and "REFUSED" in out.output and "must stay at least 1x1" in out.output
+    # Three classes for the ten digits: refused, naming the output shape.
+    three = spec_file("three.json", {"blocks": [block], "num_classes": 3})
+    out = runner.invoke(app, ["check", three])
+    assert out.exit_code == 1 and "output shape (1, 3), expected (1, 10) logits" in out.output
+    # A 3-px receptive field: allowed by the rules, with the search's heuristic said as a warning.
+    narrow = spec_file("narrow.json", {"blocks": [{"type": "conv_block", "convs": [{"out_channels": 8}]}]})
+    out = runner.invoke(app, ["check", narrow])
+    assert out.exit_code == 0 and "warning: a receptive field under 12 px" in out.output, out.output
+    # GAP then a 1x1 conv: allowed, and said why.
+    gap_first = spec_file("gap.json", {"blocks": [block], "head": {"kind": "gap_conv"}})
+    out = runner.invoke(app, ["check", gap_first])
+    assert out.exit_code == 0 and "allowed, not fully connected" in out.output
+
+
+def test_check_refuses_a_whole_image_conv(tmp_path):
+    source = tmp_path / "fc.py"
+    source.write_text(textwrap.dedent("""
+        import torch.nn as nn
+
+        class WholeImage(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(1, 10, 28)
+
+            def forward(self, x):
+                return self.conv(x).flatten(1)
+    """))
+    out = runner.invoke(app, ["check", f"{source}:WholeImage"])
+    assert out.exit_code == 1 and "28x28 kernel over its whole 28x28 input map" in out.output
+    assert "PASS" not in out.output

@@ -91,6 +91,7 @@ def test_sigterm_closes_the_trial_exits_143_and_the_same_command_completes(tmp_p
     out = proc.stdout.read()
     assert proc.wait(timeout=60) == 143, out
     assert "SIGTERM: search stopped" in out
+    assert "Traceback" not in out and "failed with" not in out, out  # one line of ours, none of Optuna's
     study = load_existing_study("term", f"sqlite:///{tmp_path / 'term.db'}")
     first = study.get_trials()[0]
     assert first.state == TrialState.FAIL and first.user_attrs["outcome"] == "interrupted"
@@ -99,9 +100,8 @@ def test_sigterm_closes_the_trial_exits_143_and_the_same_command_completes(tmp_p
     assert count_trained(load_existing_study("term", f"sqlite:///{tmp_path / 'term.db'}")) == 3
 
 
-def test_after_sigkill_the_next_run_fails_the_dead_trial_and_retries_it(tmp_path, data_root):
-    # Five: the retry of trial 0 is queued behind the four presets still waiting.
-    args, proc = start_search(tmp_path, data_root, "kill", trials=5)
+def test_after_sigkill_the_next_run_fails_the_dead_trial_and_retries_it_first(tmp_path, data_root):
+    args, proc = start_search(tmp_path, data_root, "kill", trials=3)
     wait_for_training(proc, 0)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
@@ -115,7 +115,11 @@ def test_after_sigkill_the_next_run_fails_the_dead_trial_and_retries_it(tmp_path
     assert trials[0].state == TrialState.FAIL
     retry = [t for t in trials if t.user_attrs.get("retry_of") == 0]
     assert len(retry) == 1 and retry[0].params == trials[0].params
-    assert count_trained(study) == 5 and not [t for t in trials if t.state == TrialState.RUNNING]
+    # The retry ran first, ahead of the presets queued before it, and says why trial 0 stopped.
+    assert min(t.datetime_start for t in trials[1:] if t.datetime_start) == retry[0].datetime_start
+    assert trials[0].user_attrs["outcome"] == "stale" and "its worker stopped" in trials[0].user_attrs["reason"]
+    assert count_trained(study) == 3 and not [t for t in trials if t.state == TrialState.RUNNING]
+    assert [t for t in trials if t.state == TrialState.WAITING]  # presets still queued: the retry did not wait
 
 
 # ---- bad input: refused before any training, exit 2, nothing written ----------------------------
@@ -133,6 +137,18 @@ BAD_SEARCH_INPUT = [
     (["--device", "tpu"], "'tpu' is not one of 'auto', 'cpu', 'cuda'"),
     (["--storage", "nosuchdb://x/y"], "storage 'nosuchdb://x/y' cannot be opened"),
     (["--storage", "postgresql://nobody:pw@127.0.0.1:1/none"], "cannot be opened"),
+    (["--storage", "sqlite://"], "an in-memory SQLite database keeps nothing once the command ends"),
+    (["--storage", "sqlite:///:memory:"], "in-memory SQLite"),
+    (["--study", "../x"], "--study '../x': a study name is 1 to 100 letters, digits"),
+    (["--study", ""], "--study '': a study name is"),
+    (["--study", "a/b"], "--study 'a/b': a study name is"),
+    (["--study", ".hidden"], "not starting with a dot"),
+    (["--trials", "100000000000000000000"], "--trials=100000000000000000000: must be from 1 to 100,000"),
+    (["--max-params", "99999999999"], "must be from 1 to 10,000,000"),
+    (["--seed", "-1"], "--seed=-1: must be from 0 to 2,147,483,647"),
+    # Not even the smallest layout fits: said at once, not after 200 rejected candidates.
+    (["--max-params", "100"], "--max-params=100: the smallest network of the search space with a receptive field of "
+                              "at least 12 px (--min-rf) has 132 parameters"),
 ]
 
 
@@ -146,11 +162,19 @@ def test_bad_search_input_is_refused_before_training(tmp_path, data_root, extra,
     assert not results.exists() or not any(results.rglob("*")), "something was written"
 
 
-def test_missing_data_directory_is_refused_and_nothing_written(tmp_path):
+def test_missing_data_directory_is_refused_and_nothing_written(tmp_path, monkeypatch):
+    from torchvision.datasets import MNIST
+
+    def no_network(self):  # the download fails as it does offline; no test reaches the network
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://example.invalid/, got: "
+                           "<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(MNIST, "download", no_network)
     results, data = tmp_path / "results", tmp_path / "no-data-here"
     out = runner.invoke(app, ["search", "--results-dir", str(results), "--data-dir", str(data)])
     assert out.exit_code == 2
     assert "downloading it failed" in out.output and "--data-dir" in out.output
+    assert "Temporary failure in name resolution" in " ".join(out.output.split())  # the whole reason, not its first line
     assert not results.exists() and not data.exists()
 
 
@@ -174,3 +198,52 @@ def test_spec_file_that_does_not_parse_exits_2(tmp_path):
 def test_sqlite_with_parallel_jobs_is_refused_with_advice(tmp_path, data_root):
     out = runner.invoke(app, ["search", "--jobs", "2", "--results-dir", str(tmp_path / "r"), "--data-dir", str(data_root)])
     assert out.exit_code == 2 and "use a server database" in out.output
+
+
+def test_unwritable_results_dir_is_refused_before_anything_is_written(tmp_path, data_root):
+    import optuna
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    optuna.create_study(study_name="mnist", storage=url)  # a stored study, whose results folder cannot be made
+    for command in (["search", "--trials", "1"], ["best", "--storage", url], ["report", "--storage", url]):
+        data = ["--data-dir", str(data_root)] if command[0] != "report" else []
+        out = runner.invoke(app, [*command, "--results-dir", str(blocker / "results"), *data])
+        assert out.exit_code == 2, out.output
+        assert f"{blocker / 'results'}" in out.output and f"{blocker} is a file" in out.output, out.output
+        assert "Traceback" not in out.output
+    out = runner.invoke(app, ["search", "--storage", f"sqlite:///{blocker}/s.db", "--results-dir",
+                              str(tmp_path / "r"), "--data-dir", str(data_root)])
+    assert out.exit_code == 2 and f"{blocker} is a file" in out.output, out.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_storage_urls_and_the_results_folder_each_study_owns(tmp_path):
+    from search.storage import check_results_folder, claim_results_folder, describe_storage, storage_url
+
+    assert storage_url(None, "results", "s") == "sqlite:///results/s.db"
+    assert storage_url(str(tmp_path / "x.db"), "results", "s") == f"sqlite:///{tmp_path / 'x.db'}"  # a plain path
+    assert storage_url("postgresql://u@h/db", "results", "s") == "postgresql://u@h/db"
+    assert "(the file " in describe_storage("sqlite:///tmp/x") and str(Path("tmp/x").resolve()) in \
+        describe_storage("sqlite:///tmp/x")  # three slashes: a relative path, said so
+    one, other = f"sqlite:///{tmp_path / 'one.db'}", f"sqlite:///{tmp_path / 'other.db'}"
+    claim_results_folder(str(tmp_path / "r"), "s", one)
+    assert (tmp_path / "r" / "s" / ".storage").read_text().strip() == one
+    check_results_folder(str(tmp_path / "r"), "s", one)  # its own storage: fine, again and again
+    with pytest.raises(SearchError, match="holds the files of study 's' in .*one.db, not .*other.db"):
+        check_results_folder(str(tmp_path / "r"), "s", other)
+
+
+def test_a_search_whose_every_trial_failed_exits_1_and_says_why(tmp_path, data_root, monkeypatch):
+    from search import objective
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("every trial blows up (test)")
+
+    monkeypatch.setattr(objective, "fit", explode)
+    out = runner.invoke(app, ["search", "--trials", "2", "--epochs", "1", "--subset", "500", "--study", "boom",
+                              "--results-dir", str(tmp_path), "--data-dir", str(data_root), "--device", "cpu"])
+    assert out.exit_code == 1, out.output
+    assert "every one of the study's 2 trained trials failed" in out.output
+    assert "RuntimeError: every trial blows up (test)" in out.output

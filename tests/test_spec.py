@@ -18,11 +18,11 @@ def test_presets_round_trip_through_json_and_hash_equal():
 @pytest.mark.parametrize("make, message", [
     (lambda: Conv(0), "out_channels=0, must be an integer from 1 to 512"),
     (lambda: Conv(-3), "out_channels=-3"),
-    (lambda: Conv(8, kernel=5), "kernel=5, must be one of (1, 3)"),
+    (lambda: Conv(8, kernel=5), "kernel=5, must be one of the integers (1, 3)"),
     (lambda: Conv(8, kernel=1, padding=1), "padding=1 with kernel=1"),
     (lambda: ConvBlock(()), "0 convs, must have 1 to 3"),
     (lambda: ConvBlock((Conv(8),) * 4), "4 convs, must have 1 to 3"),
-    (lambda: ConvBlock((Conv(8),), dropout=1.5), "dropout=1.5, must be in [0, 1)"),
+    (lambda: ConvBlock((Conv(8),), dropout=1.5), "dropout=1.5, must be a number in [0, 1)"),
     (lambda: Transition(0), "transition: out_channels=0"),
     (lambda: Head("flatten_linear"), "kind='flatten_linear'"),
     (lambda: NetSpec(()), "no blocks"),
@@ -52,7 +52,25 @@ def test_map_shrinking_below_1x1_names_the_layer_and_size():
     ('{"blocks": [{"type": "dense", "units": 10}]}', "type='dense'"),
     ('{"blocks": [{"type": "conv_block", "convs": [{"out_channels": 8, "stride": 2}]}]}', "conv: unknown field(s) 'stride'"),
     ('{"blocks": [{"type": "transition"}]}', "transition:"),
-    ('{"head": {"kind": "conv_gap"}}', "missing field 'blocks'"),
+    ('{"head": {"kind": "conv_gap"}}', "missing field(s) 'blocks'"),
+    # Wrong types: refused with the value, not crashed in nn.Conv2d, nor read as something else.
+    ('{"blocks": [{"type": "conv_block", "convs": [{"out_channels": 8, "kernel": 3.0}]}]}',
+     "conv: kernel=3.0, must be one of the integers (1, 3)"),
+    ('{"blocks": [{"type": "conv_block", "convs": [{"out_channels": 8, "padding": true}]}]}',
+     "conv: padding=True, must be one of the integers (0, 1)"),
+    ('{"blocks": [{"type": "conv_block", "convs": [{"out_channels": true}]}]}', "conv: out_channels=True"),
+    ('{"blocks": [{"type": "conv_block", "convs": [{"out_channels": 8}], "batchnorm": "false"}]}',
+     "conv block: batchnorm='false', must be true or false"),
+    ('{"blocks": [{"type": "conv_block", "convs": [{"out_channels": 8}], "pool": 1}]}',
+     "conv block: pool=1, must be true or false"),
+    ('{"blocks": [{"type": "conv_block", "convs": [{"out_channels": 8}], "dropout": false}]}',
+     "dropout=False, must be a number in [0, 1)"),
+    ('{"blocks": [{"type": "conv_block", "convs": [{"out_channels": 8}]}, {"type": "transition", "out_channels": 4, '
+     '"batchnorm": null}]}', "transition: batchnorm=None, must be true or false"),
+    # A missing field names itself.
+    ('{"blocks": [{"type": "conv_block", "convs": [{"kernel": 3}]}]}', "conv: missing field(s) 'out_channels'"),
+    ('{"blocks": [{"type": "conv_block"}]}', "conv_block: missing field(s) 'convs'"),
+    ('{"blocks": [{"type": "transition"}]}', "transition: missing field(s) 'out_channels'"),
 ])
 def test_malformed_json_is_a_spec_error(text, message):
     with pytest.raises(SpecError) as info:

@@ -69,8 +69,7 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, data_root):
     assert killed.state == TrialState.RUNNING and killed.user_attrs["outcome"] == "training"
     time.sleep(5)  # past the grace period
 
-    # The retry is queued behind the four presets still waiting (small, tiny, compact, threeblock): five trained
-    # trials reach it.
+    # The retry runs first, ahead of the presets still waiting.
     second = worker(study_name, 5, tmp_path, data_root, "--epochs", "3", *beat)
     out = second.communicate(timeout=600)[0]
     assert second.returncode == 0, out

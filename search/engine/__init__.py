@@ -9,8 +9,9 @@ and SGD steps that a GPU replays as one CUDA graph. No Optuna here.
 """
 
 from search.engine.config import EpochRecord, History, TrainConfig, resolve_device
-from search.engine.loop import evaluate, fit
+from search.engine.loop import evaluate, fit, planned_engine
 from search.engine.steps import augment_batch, to_device
 
-__all__ = ["EpochRecord", "History", "TrainConfig", "augment_batch", "evaluate", "fit", "resolve_device",
+__all__ = ["EpochRecord", "History", "TrainConfig", "augment_batch", "evaluate", "fit", "planned_engine",
+           "resolve_device",
            "to_device"]

@@ -120,6 +120,16 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
         trainer.close()
 
 
+def planned_engine(cfg: TrainConfig, device: torch.device, macs_per_image: int, n_train: int,
+                   precision: str = "auto") -> dict:
+    """The precision and CPU shard count `fit` will train with here, known before training: both change how a net
+    trains (bf16 rounding; BatchNorm statistics per shard), so a stored result is reused only where they match."""
+    bf16 = runtime.use_bf16(device, precision)
+    whole_step = cfg.optimizer == "sgd" and n_train >= cfg.batch_size
+    shards = cpu_shards(cfg.batch_size, macs_per_image) if whole_step and device.type == "cpu" else 1
+    return {"precision": "bf16" if bf16 else "fp32", "shards": shards}
+
+
 def _step_path(cfg: TrainConfig, device: torch.device, n: int, cuda_graphs: bool, compile_model: bool,
                whole_step: bool | None, shards: int | None) -> tuple[bool, bool]:
     """(CUDA graphs, whole SGD step) for this run; refuses combinations that cannot work."""
