@@ -6,7 +6,7 @@ Exit codes: 0 success, 1 refused (a network over the budget, a failed certificat
 
 from __future__ import annotations
 
-import importlib.util
+import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -51,46 +51,17 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def _load_target(target: str):
-    """A preset name, a spec JSON file, or path/to/file.py:ClassName -> NetSpec or nn.Module."""
-    from models import presets
-    from models.spec import NetSpec, SpecError
+    """A preset name, a spec JSON file, or path/to/file.py:ClassName -> NetSpec or nn.Module; exit 2 (unusable) or,
+    for a spec whose maps shrink below 1x1, exit 1 (a network the rules refuse)."""
+    from models.load import RefusedSpec, TargetError, load_target
 
-    if target in presets.PRESETS:
-        return presets.PRESETS[target]
-    if ":" in target and target.split(":", 1)[0].endswith(".py"):
-        path, _, class_name = target.partition(":")
-        if not Path(path).is_file():
-            raise fail(f"{path}: no such file")
-        try:
-            module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-            cls = getattr(module, class_name)
-        except AttributeError:
-            raise fail(f"{path} defines no {class_name!r}") from None
-        except Exception as exc:
-            raise fail(f"{path} could not be imported: {type(exc).__name__}: {exc}") from None
-        import torch
-
-        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
-            raise fail(f"{target}: {class_name} is a {type(cls).__name__}, not a torch.nn.Module class")
-        try:
-            return cls()
-        except Exception as exc:
-            raise fail(f"{target}() could not be instantiated without arguments: {type(exc).__name__}: {exc}") from None
-    path = Path(target)
-    if not path.is_file():
-        raise fail(f"{target!r} is neither a preset ({', '.join(presets.PRESETS)}), a spec JSON file, "
-                   "nor path/to/file.py:ClassName")
-    if path.suffix == ".py":
-        raise fail(f"{target}: a Python file needs the class to check after a colon, {target}:ClassName")
     try:
-        return NetSpec.from_json(path.read_text())
-    except SpecError as exc:
-        if "the map must stay at least 1x1" in str(exc):  # a network that exists on paper, refused by the rules
-            err.print(Text.assemble(("REFUSED: ", "bold red"), f"{path}: {exc}"))
-            raise typer.Exit(1) from None
-        raise fail(f"{path}: {exc}") from None
+        return load_target(target)
+    except RefusedSpec as exc:
+        err.print(Text.assemble(("REFUSED: ", "bold red"), str(exc)))
+        raise typer.Exit(1) from None
+    except TargetError as exc:
+        raise fail(str(exc)) from None
 
 
 @app.command()
@@ -289,6 +260,64 @@ def _open_study(study: str, storage: Optional[str], results_dir: str):
     return study_obj
 
 
+Seeds = Annotated[int, typer.Option(callback=bounded(1, 10), help="Retraining seeds (0, 1, ...).")]
+CertifyEpochs = Annotated[Optional[int], typer.Option(
+    "--epochs", callback=bounded(1, 1000),
+    help=f"Epochs to retrain, at most {RULES.max_epochs} to pass [default: the trial's; {RULES.max_epochs} for other targets].")]
+
+
+def _refuse_epochs(epochs: Optional[int]) -> None:
+    """More epochs than the rules allow: a refusal (exit 1) before any training, like a network over the budget."""
+    if epochs is not None and epochs > RULES.max_epochs:
+        err.print(Text.assemble(("REFUSED before training: ", "bold red"),
+                                f"--epochs {epochs}: the rules allow {RULES.epochs_rule()}"))
+        raise typer.Exit(1)
+
+
+def _certify_all(chosen, *, seeds, data_dir, device, results_dir, max_params, reuse=False):
+    """Certify each network (refusing, before any training, one that a rule already fails); [(certificate, reused)]."""
+    from search.console import print_verdict
+    from search.data import DataError
+    from search.retrain import certify, refusal_before_training, reusable_certificate
+
+    for c in chosen:
+        refusal = refusal_before_training(c, max_params)
+        if refusal:
+            err.print(Text.assemble(("REFUSED before training: ", "bold red"), f"{c.label()}: {refusal}"))
+            raise typer.Exit(1)
+    log = lambda line: console.print(line, highlight=False, markup=False)  # noqa: E731
+    certs: list[tuple[dict, bool]] = []
+    for c in chosen:
+        reused = reusable_certificate(results_dir, c, seeds, RULES.target_accuracy, max_params) if reuse else None
+        if reused:
+            console.print(f"{c.label()}: certified before with the same network, recipe and seeds; its certificate is "
+                          "reused", highlight=False)
+            certs.append((reused, True))
+            continue
+        val = f", validation {c.val_acc:.2%}" if c.val_acc is not None else ""
+        console.print(f"certifying {c.label()}{val}", highlight=False)
+        try:
+            result = certify(c, seeds=seeds, data_dir=data_dir, device=device, results_dir=results_dir,
+                             max_params=max_params, log=log)
+        except DataError as exc:
+            raise fail(str(exc)) from None
+        print_verdict(result, seeds)
+        certs.append((result, False))
+        yield certs
+    yield certs
+
+
+def _check_run_inputs(device: "DeviceName", data_dir: Optional[str]) -> None:
+    from search.data import DataError, check_data_root
+    from search.engine import resolve_device
+
+    try:
+        resolve_device(device.value)
+        check_data_root(data_dir)
+    except (DataError, ValueError) as exc:
+        raise fail(str(exc)) from None
+
+
 @app.command()
 def best(
     study: Study = "mnist",
@@ -300,70 +329,179 @@ def best(
                                         "--floor, smallest first; writes front.json.")] = False,
     floor: Annotated[float, typer.Option(callback=bounded(0, 100, " percent"), help="With --front: the lowest "
                                          "validation accuracy certified, percent.")] = 99.0,
-    seeds: Annotated[int, typer.Option(callback=bounded(1, 10), help="Retraining seeds.")] = 3,
+    seeds: Seeds = 3,
+    epochs: CertifyEpochs = None,
     max_params: CertifyMaxParams = RULES.max_params,
     device: Annotated[DeviceName, typer.Option()] = DeviceName.auto,
     data_dir: DataDir = None,
     results_dir: Annotated[str, typer.Option(help="Where the study's files are.")] = "results",
 ) -> None:
     """Retrain the winner on all 60,000 training images with several seeds and certify it on the test set."""
-    from search.data import DataError, check_data_root
-    from search.engine import resolve_device
-    from search.console import print_front, print_verdict
-    from search.retrain import (certificate_dir, certify, front_summary, front_to_certify, pick_winner,
-                                reusable_certificate, write_best)
+    from search.console import print_front
+    from search.retrain import (certificate_dir, front_summary, front_to_certify, from_trial, pick_winner,
+                                with_recipe, write_best)
     from search.storage import SearchError
 
     if front and (trial is not None or target is not None):
         raise fail("--front certifies the whole front; it takes neither --trial nor --target")
-    try:
-        resolve_device(device.value)
-        check_data_root(data_dir)
-    except (DataError, ValueError) as exc:
-        raise fail(str(exc)) from None
+    _refuse_epochs(epochs)
+    _check_run_inputs(device, data_dir)
     study_obj = _open_study(study, storage, results_dir)
     try:
-        chosen = front_to_certify(study_obj, floor / 100) if front else [
+        records = front_to_certify(study_obj, floor / 100) if front else [
             pick_winner(study_obj, trial, None if target is None else target / 100)]
-    except SearchError as exc:
+        chosen = [with_recipe(from_trial(study, r), epochs=epochs) for r in records]
+    except (SearchError, ValueError) as exc:
         raise fail(str(exc)) from None
     if front:
         console.print(f"certifying the front at or above {floor:.2f}% validation: trials "
-                      + ", ".join(f"{r.number} ({r.n_params:,} params, {r.values[0]:.2%})" for r in chosen),
+                      + ", ".join(f"{r.number} ({r.n_params:,} params, {r.values[0]:.2%})" for r in records),
                       highlight=False)
-    log = lambda line: console.print(line, highlight=False, markup=False)  # noqa: E731
-    certs: list[tuple[dict, bool]] = []
-    for record in chosen:
-        val = f", validation {record.values[0]:.2%}" if record.values else ""
-        reused = reusable_certificate(results_dir, study, record, seeds, RULES.target_accuracy, max_params) \
-            if front else None
-        if reused:
-            console.print(f"trial {record.number}: certified before with the same network, recipe and seeds; "
-                          "its certificate is reused", highlight=False)
-            certs.append((reused, True))
-            continue
-        console.print(f"certifying trial {record.number}: {record.n_params:,} params{val}", highlight=False)
-        try:
-            result = certify(study_obj, record, seeds=seeds, data_dir=data_dir, device=device.value,
-                             results_dir=results_dir, max_params=max_params, log=log)
-        except DataError as exc:
-            raise fail(str(exc)) from None
-        print_verdict(result, seeds)
-        certs.append((result, False))
-        if front:  # written after each trial: an interrupted --front keeps what it certified
+    elif chosen[0].cfg.epochs < RULES.max_epochs and epochs is None:
+        console.print(f"note: trial {records[0].number} was searched with {chosen[0].cfg.epochs} epochs and is "
+                      f"retrained with as many; --epochs {RULES.max_epochs} certifies it with the exercise's full "
+                      "allowance", highlight=False)
+    certs: list = []
+    for certs in _certify_all(chosen, seeds=seeds, data_dir=data_dir, device=device.value, results_dir=results_dir,
+                              max_params=max_params, reuse=front):
+        if front and certs:  # written after each trial: an interrupted --front keeps what it certified
             front_summary(study, floor / 100, seeds, certs, results_dir)
-    written = certificate_dir(results_dir, study, chosen[-1].number)
     if front:
         summary = front_summary(study, floor / 100, seeds, certs, results_dir)
         print_front(summary)
         console.print(f"written: {Path(results_dir) / study / 'front.json'} and one certificate per trial under "
-                      f"{written.parent}", highlight=False)
+                      f"{certificate_dir(results_dir, '').resolve()}", highlight=False)
         return
     write_best(results_dir, certs[0][0])
-    console.print(f"written: {written / 'certificate.json'} (and {Path(results_dir) / study / 'best.json'}) and one "
-                  "checkpoint per seed", highlight=False)
+    console.print(f"written: {certificate_dir(results_dir, chosen[0].name) / 'certificate.json'} (and "
+                  f"{Path(results_dir) / study / 'best.json'}) and one checkpoint per seed", highlight=False)
     if not certs[0][0]["certified"]:
         raise typer.Exit(1)
+
+
+class OptimizerName(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class ScheduleName(str, Enum):
+    onecycle = "onecycle"
+    cosine = "cosine"
+    step = "step"
+
+
+@app.command()
+def certify(
+    target: Annotated[Optional[str], typer.Argument(help="A preset name, a spec JSON file, or path/to/file.py:ClassName "
+                                                    "(or --study S --trial N for a stored trial).")] = None,
+    study: Annotated[Optional[str], typer.Option("--study", help="With --trial: the study of a stored trial.")] = None,
+    trial: Annotated[Optional[int], typer.Option("--trial", callback=bounded(0), help="A stored trial of --study.")] = None,
+    storage: Storage = None,
+    name: Annotated[Optional[str], typer.Option(help="Folder name under <results>/certified/ [default: the preset, "
+                                                "file or class name, or <study>-trial-<N>].")] = None,
+    seeds: Seeds = 3,
+    epochs: CertifyEpochs = None,
+    optimizer: Annotated[Optional[OptimizerName], typer.Option(help="Recipe override [default: the trial's, else sgd].")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: the trial's, else 0.1].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(callback=bounded(1, 60_000), help="Images per step [default: the trial's, else 64].")] = None,
+    schedule: Annotated[Optional[ScheduleName], typer.Option(help="[default: the trial's, else onecycle].")] = None,
+    augment: Annotated[Optional[float], typer.Option(help="Affine augmentation strength, 0 to 3 [default: the trial's, else 0.5].")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="[default: the trial's, else 0.05].")] = None,
+    max_params: CertifyMaxParams = RULES.max_params,
+    device: Annotated[DeviceName, typer.Option()] = DeviceName.auto,
+    data_dir: DataDir = None,
+    results_dir: Annotated[str, typer.Option(help="Where certificates go (<results>/certified/<name>/).")] = "results",
+) -> None:
+    """Train and certify any network against the four rules: a preset, a spec JSON, your own nn.Module class, or a
+    stored trial. Exits 1 before training if a rule already fails."""
+    from models.load import split_module_target
+    from models.presets import PRESETS
+    from models.spec import NetSpec
+    from search.engine import TrainConfig
+    from search.retrain import Certifiable, from_trial, pick_winner, with_recipe
+    from search.storage import SearchError, check_study_name
+
+    if (target is None) == (trial is None):
+        raise fail("give a TARGET (preset, spec JSON, file.py:Class) or --study S --trial N, one of the two")
+    _refuse_epochs(epochs)
+    _check_run_inputs(device, data_dir)
+    try:
+        if trial is not None:
+            study_obj = _open_study(study or "mnist", storage, results_dir)
+            c = from_trial(study_obj.study_name, pick_winner(study_obj, trial))
+        else:
+            net = _load_target(target)
+            cfg = TrainConfig(epochs=RULES.max_epochs)
+            module_target = split_module_target(target)
+            if isinstance(net, NetSpec):
+                kind = "preset" if target in PRESETS else "spec"
+                c = Certifiable(Path(target).stem, {"kind": kind, "target": target}, cfg, spec=net)
+            else:
+                path, class_name = module_target
+                c = Certifiable(class_name, {"kind": "module", "target": target}, cfg, module_path=path,
+                                module_class=class_name)
+        c.name = check_study_name(name if name is not None else c.name, "--name")
+        c = with_recipe(c, epochs=epochs, optimizer=optimizer and optimizer.value, lr=lr, batch_size=batch_size,
+                        schedule=schedule and schedule.value, augment=augment, label_smoothing=label_smoothing)
+    except (SearchError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    certs: list = []
+    for certs in _certify_all([c], seeds=seeds, data_dir=data_dir, device=device.value, results_dir=results_dir,
+                              max_params=max_params):
+        pass
+    from search.retrain import certificate_dir
+
+    console.print(f"written: {certificate_dir(results_dir, c.name) / 'certificate.json'} and one checkpoint per seed",
+                  highlight=False)
+    if not certs[0][0]["certified"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    certificate: Annotated[Optional[str], typer.Option(help="A certificate.json [default: the latest under "
+                                                       "<results>/certified/].")] = None,
+    seed: Annotated[Optional[int], typer.Option(callback=bounded(0), help="The seed's checkpoint to export [default: "
+                                                "the one with the best final test accuracy].")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Folder for the files [default: export/ beside the "
+                                               "certificate].")] = None,
+    data_dir: DataDir = None,
+    results_dir: Annotated[str, typer.Option(help="Where certificates are.")] = "results",
+) -> None:
+    """ONNX and TorchScript files of a certified network, BatchNorm folded into the convs, each checked on the
+    10,000 test images against the checkpoint; and a model card, MODEL.md."""
+    from search.data import DataError, check_data_root
+    from search.export import ExportError, export as export_network, latest_certificate
+    from search.fsio import UnwritablePath, check_writable
+    from search.retrain import CheckpointError
+
+    try:
+        check_data_root(data_dir)
+        path = Path(certificate) if certificate else latest_certificate(results_dir)
+        if not path.is_file():
+            raise ExportError(f"{path}: no such certificate")
+        cert = json.loads(path.read_text())
+        if not isinstance(cert, dict) or "seeds" not in cert or "rules" not in cert:
+            raise ExportError(f"{path}: not a budgetnas certificate (no seeds and rules)")
+        check_writable(Path(out) if out else path.parent / "export")
+    except (DataError, ExportError, UnwritablePath, json.JSONDecodeError) as exc:
+        raise fail(str(exc) if not isinstance(exc, json.JSONDecodeError) else f"{certificate}: not JSON ({exc})") from None
+    failed = [r["rule"] for r in cert["rules"] if not r["pass"]]
+    if failed:
+        err.print(Text.assemble(("warning: ", "bold yellow"), f"{cert.get('name', path.parent.name)} fails "
+                                f"{'; '.join(failed)}; exported anyway, and its card says so"))
+    try:
+        result = export_network(path, Path(out) if out else None, data_dir, seed,
+                                log=lambda line: console.print(line, highlight=False, markup=False))
+    except ExportError as exc:
+        raise fail(str(exc), code=1) from None
+    except (CheckpointError, DataError) as exc:
+        raise fail(str(exc)) from None
+    acc = result.accuracy
+    console.print(f"test accuracy: checkpoint {acc['checkpoint']:.2%}, BatchNorm folded {acc['folded']:.2%}, ONNX "
+                  f"{acc['onnx']:.2%}, TorchScript {acc['torchscript']:.2%} (seed {result.seed})", highlight=False)
+    console.print(f"written: {result.onnx}, {result.torchscript}, {result.card}; {result.n_params:,} parameters, "
+                  f"{result.n_params_folded:,} with BatchNorm folded", highlight=False)
 
 
 @app.command()

@@ -58,13 +58,16 @@ def print_leaderboard(result, opts) -> None:
 
 def print_verdict(result: dict, seeds: int) -> None:
     """The certificate's rules, PASS or FAIL, and the final-epoch test accuracy of every seed."""
-    table = Table(title=f"trial {result['trial']} against the rules", title_justify="left")
+    who = f"trial {result['trial']}" if result.get("trial") is not None else result.get("name", "the network")
+    table = Table(title=f"{who} against the rules", title_justify="left")
     for col in ("rule", "figure", "verdict"):
         table.add_column(col)
     for rule in result["rules"]:
         table.add_row(rule["rule"], rule["figure"], "[green]PASS[/]" if rule["pass"] else "[red]FAIL[/]")
     console.print(table)
     per_seed = ", ".join(f"seed {r['seed']}: {r['final_test_acc']:.2%}" for r in result["seeds"])
+    if seeds > 1:
+        per_seed += f"; mean {result['final_test_acc_mean']:.2%} +- {result['final_test_acc_std']:.2%} (sample sd)"
     console.print(f"final-epoch test accuracy {per_seed}; {result['seeds_reaching_target']} of {seeds} "
                   f"seed{'s' if seeds > 1 else ''} reached {result['target']:.2%}", highlight=False)
 

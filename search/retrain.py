@@ -1,9 +1,13 @@
-"""`best`: pick the winner from storage, retrain it on all 60,000 training images with several seeds, evaluate on the
-10,000 test images after every epoch, save checkpoints and a certificate, and judge it against the four rules.
-`best --front` does the same for every trial on the accuracy/size front above a floor and writes `front.json`.
+"""Certification: retrain a network on all 60,000 training images with several seeds, evaluate on the 10,000 test
+images after every epoch, save checkpoints and a certificate, and judge it against the four rules.
 
-Files, under <results>/<study>/: certified/trial-<N>/certificate.json and seed<K>.pt for every certified trial;
-best.json, a copy of the latest certificate `best` wrote for one trial (what the report shows); front.json.
+What is certified (`Certifiable`): a stored trial (`best`, `certify --study S --trial N`), a preset, a spec JSON, or
+an nn.Module class of one's own (`certify TARGET`). Every rule that can be judged before training is judged first.
+`best --front` certifies every trial on the accuracy/size front above a floor and writes `front.json`.
+
+Files: <results>/certified/<name>/certificate.json and seed<K>.pt (name: the preset, the spec file's or class's
+name, or <study>-trial-<N>); <results>/<study>/best.json, a copy of the latest certificate `best` wrote (what the
+report shows); <results>/<study>/front.json.
 
 The test set is read here and nowhere else: the search selected on the validation split.
 """
@@ -15,7 +19,7 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -80,13 +84,84 @@ def front_to_certify(study: optuna.Study, floor: float) -> list[TrialRecord]:
     return front
 
 
-def certificate_dir(results_dir: str, study_name: str, trial_number: int) -> Path:
-    return Path(results_dir) / study_name / "certified" / f"trial-{trial_number}"
+@dataclass
+class Certifiable:
+    """A network to certify, with the recipe it trains with."""
+
+    name: str  # its folder under <results>/certified/
+    source: dict  # where it came from: {"kind": "trial" | "preset" | "spec" | "module", ...}
+    cfg: TrainConfig
+    spec: NetSpec | None = None  # None for an nn.Module class of one's own
+    module_path: str | None = None  # that class's file and name
+    module_class: str | None = None
+    val_acc: float | None = None  # a stored trial's validation accuracy
+    trial: int | None = None
+    study: str | None = None
+
+    def build(self) -> torch.nn.Module:
+        if self.spec is not None:
+            return build(self.spec)
+        from models.load import instantiate
+
+        return instantiate(self.module_path, self.module_class)
+
+    def label(self) -> str:
+        return f"trial {self.trial}" if self.trial is not None else self.name
 
 
-def save_checkpoint(path: Path, module: torch.nn.Module, spec: NetSpec, cfg: TrainConfig, test_acc: float) -> Path:
-    payload = {"format": CHECKPOINT_FORMAT, "spec": spec.to_json(indent=None), "config": cfg.to_dict(),
-               "test_acc": test_acc, "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}
+def from_trial(study_name: str, record: TrialRecord) -> Certifiable:
+    return Certifiable(f"{study_name}-trial-{record.number}", {"kind": "trial", "study": study_name,
+                                                               "trial": record.number},
+                       record.config, spec=record.spec, val_acc=record.values[0] if record.values else None,
+                       trial=record.number, study=study_name)
+
+
+def with_recipe(c: Certifiable, **overrides) -> Certifiable:
+    """The same network with recipe fields replaced (None leaves a field as it is); TrainConfig checks them."""
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return replace(c, cfg=TrainConfig(**{**c.cfg.to_dict(), **changes})) if changes else c
+
+
+def certificate_dir(results_dir: str, name: str) -> Path:
+    return Path(results_dir) / "certified" / name
+
+
+def judge(c: Certifiable, max_params: int = RULES.max_params) -> tuple[list[dict], int, list[str]]:
+    """The rules that can be judged without training: (rows, parameters, fully connected reasons). Rows hold the
+    exercise's parameter, fully connected and epoch rules, then `max_params` when it is not the exercise's."""
+    module = c.build()
+    module_verdict = check_module(module, max_params=max_params)
+    spec_verdict = check(c.spec, max_params) if c.spec is not None else module_verdict
+    n_params = max(spec_verdict.n_params, module_verdict.n_params)
+    fully_connected = [r for r in (*spec_verdict.reasons, *module_verdict.reasons) if "fully connected" in r]
+    other = [r for r in module_verdict.reasons if "fully connected" not in r and "budget" not in r]
+    rows = [
+        {"rule": RULES.params_rule(), "figure": f"{n_params:,}", "pass": n_params < RULES.max_params},
+        {"rule": RULES.fc_rule(), "figure": "; ".join(fully_connected) or "none found (Linear, matmul, whole-map conv)",
+         "pass": not fully_connected},
+        {"rule": RULES.epochs_rule(), "figure": str(c.cfg.epochs), "pass": c.cfg.epochs <= RULES.max_epochs},
+    ]
+    if max_params != RULES.max_params:
+        rows.append({"rule": f"{RULES.params_rule(max_params)} (the budget asked for, not one of the exercise's "
+                             "rules)", "figure": f"{n_params:,}", "pass": n_params < max_params})
+    return rows, n_params, other
+
+
+def refusal_before_training(c: Certifiable, max_params: int = RULES.max_params) -> str | None:
+    """Why `c` cannot pass whatever its accuracy (a rule already failed, or a module that does not run), else None."""
+    rows, _, other = judge(c, max_params)
+    failed = [f"{r['rule']}: {r['figure']}" for r in rows if not r["pass"]] + other
+    return "; ".join(failed) or None
+
+
+def save_checkpoint(path: Path, module: torch.nn.Module, c: Certifiable, cfg: TrainConfig, test_acc: float) -> Path:
+    """The weights and what rebuilds the module: the spec JSON, or the file and class of a module of one's own."""
+    payload = {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "test_acc": test_acc,
+               "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}
+    if c.spec is not None:
+        payload["spec"] = c.spec.to_json(indent=None)
+    else:
+        payload["module"] = {"path": str(Path(c.module_path).resolve()), "class": c.module_class}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     return atomic_write(path, lambda f: f.write(buffer.getvalue()))
@@ -105,11 +180,15 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a budgetnas checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     try:
-        spec = NetSpec.from_json(payload["spec"])
-        module = build(spec)
+        if "spec" in payload:
+            module = build(NetSpec.from_json(payload["spec"]))
+        else:
+            from models.load import instantiate
+
+            module = instantiate(payload["module"]["path"], payload["module"]["class"])
         module.load_state_dict(payload["state_dict"])
-    except (SpecError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: spec and weights do not match: {str(exc).splitlines()[0][:200]}") from None
+    except (SpecError, KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: network and weights do not match: {str(exc).splitlines()[0][:200]}") from None
     return module, payload
 
 
@@ -117,52 +196,47 @@ def _first_epoch_reaching(curve: list[dict], target: float) -> int | None:
     return next((e["epoch"] for e in curve if e["test_acc"] >= target), None)
 
 
-def certify(study: optuna.Study, trial: TrialRecord, *, seeds: int = 3, data_dir: str | None = None,
-            device: str = "auto", results_dir: str = "results", target: float = RULES.target_accuracy,
-            max_params: int = RULES.max_params, log=print, progress: bool | None = None) -> dict:
-    spec, cfg = trial.spec, trial.config
-    out_dir = certificate_dir(results_dir, study.study_name, trial.number)
-    verdict = check(spec, max_params)
-    module_verdict = check_module(build(spec), max_params=max_params)
+def certify(c: Certifiable, *, seeds: int = 3, data_dir: str | None = None, device: str = "auto",
+            results_dir: str = "results", target: float = RULES.target_accuracy, max_params: int = RULES.max_params,
+            log=print, progress: bool | None = None) -> dict:
+    """Train `c` with seeds 0..seeds-1 on all 60,000 training images, test after every epoch, write the certificate
+    and one checkpoint per seed under <results>/certified/<name>/, and return the certificate."""
+    out_dir = certificate_dir(results_dir, c.name)
+    rows, n_params, _ = judge(c, max_params)
     dev = resolve_device(device)
     mnist = load_mnist(data_dir, with_test=True, full_train=True)
     data = (*to_device(mnist.train, dev), *to_device(mnist.test, dev))
-    analysis = analyze(spec)
+    analysis = analyze(c.spec) if c.spec is not None else None
     runs = []
     start = time.perf_counter()
     for seed in range(seeds):
-        seed_cfg = replace(cfg, seed=seed)
-        model = build(spec)
-        log(f"seed {seed}: training trial {trial.number}'s network ({analysis.n_params:,} params) on 60,000 images "
-            f"for {cfg.epochs} epochs")
+        seed_cfg = replace(c.cfg, seed=seed)
+        model = c.build()
+        log(f"seed {seed}: training {c.label()} ({n_params:,} params) on 60,000 images for {c.cfg.epochs} epochs")
+        # A module of one's own trains as it is, through torch's optimizer (the whole-step path rebuilds a net's
+        # step and expects budgetnas's layers).
         history = fit(model, None, None, seed_cfg, device=dev, data_on_device=data, progress=progress,
+                      whole_step=None if c.spec is not None else False,
                       on_epoch=lambda r: log(f"  seed {seed} epoch {r.epoch:2d}: test {r.val_acc:.2%}"))
         curve = [{"epoch": e.epoch, "train_loss": e.train_loss, "train_acc": e.train_acc, "test_loss": e.val_loss,
                   "test_acc": e.val_acc, "lr": e.lr, "seconds": e.seconds} for e in history.epochs]
         final = curve[-1]["test_acc"] if curve and history.status == "completed" else float("nan")
-        ckpt = save_checkpoint(out_dir / f"seed{seed}.pt", model, spec, seed_cfg, final)
+        ckpt = save_checkpoint(out_dir / f"seed{seed}.pt", model, c, seed_cfg, final)
         runs.append({"seed": seed, "status": history.status, "precision": history.precision, "shards": history.shards,
                      "final_test_acc": final, "epochs": curve,
                      "first_epoch_reaching_target": _first_epoch_reaching(curve, target), "checkpoint": str(ckpt)})
     finals = [r["final_test_acc"] for r in runs]
     mean = statistics.fmean(finals)
     std = statistics.stdev(finals) if len(finals) > 1 else 0.0
-    fully_connected = [r for r in (*verdict.reasons, *module_verdict.reasons) if "fully connected" in r]
-    n_params = max(verdict.n_params, module_verdict.n_params)
-    rules = [  # always the exercise's four; another budget is judged as a fifth line that says it is not one of them
-        {"rule": RULES.params_rule(), "figure": f"{n_params:,}", "pass": n_params < RULES.max_params},
-        {"rule": RULES.fc_rule(), "figure": "; ".join(fully_connected) or "none found (Linear, matmul, whole-map conv)",
-         "pass": not fully_connected},
-        {"rule": RULES.epochs_rule(), "figure": str(cfg.epochs), "pass": cfg.epochs <= RULES.max_epochs},
-        {"rule": RULES.accuracy_rule(seeds, target), "figure": f"{mean:.2%} +- {std:.2%}", "pass": mean >= target},
-    ]
-    if max_params != RULES.max_params:
-        rules.append({"rule": f"{RULES.params_rule(max_params)} (the budget asked for, not one of the exercise's "
-                              "rules)", "figure": f"{n_params:,}", "pass": n_params < max_params})
+    rules = rows[:3] + [{"rule": RULES.accuracy_rule(seeds, target), "figure": f"{mean:.2%} +- {std:.2%}",
+                         "pass": mean >= target}] + rows[3:]
     result = {
-        "study": study.study_name, "trial": trial.number, "spec": json.loads(spec.to_json()),
-        "n_params": analysis.n_params, "receptive_field": analysis.receptive_field, "macs": analysis.macs,
-        "config": cfg.to_dict(), "val_acc": trial.values[0] if trial.values else None,
+        "name": c.name, "source": c.source, "study": c.study, "trial": c.trial,
+        "spec": json.loads(c.spec.to_json()) if c.spec is not None else None,
+        "module": None if c.spec is not None else {"path": str(Path(c.module_path).resolve()), "class": c.module_class},
+        "n_params": n_params, "receptive_field": analysis.receptive_field if analysis else None,
+        "macs": analysis.macs if analysis else None,
+        "config": c.cfg.to_dict(), "val_acc": c.val_acc,
         "seeds": runs, "final_test_acc_mean": mean, "final_test_acc_std": std,
         "target": target, "max_params": max_params, "seeds_reaching_target": sum(f >= target for f in finals),
         "rules": rules, "certified": all(r["pass"] for r in rules),
@@ -180,13 +254,12 @@ def read_certificate(path: Path) -> dict | None:
         return None
 
 
-def reusable_certificate(results_dir: str, study_name: str, trial: TrialRecord, seeds: int, target: float,
-                         max_params: int) -> dict | None:
-    """A certificate already written for this trial with the same network, recipe, seeds, target and budget."""
-    cert = read_certificate(certificate_dir(results_dir, study_name, trial.number) / "certificate.json")
-    if cert is None:
+def reusable_certificate(results_dir: str, c: Certifiable, seeds: int, target: float, max_params: int) -> dict | None:
+    """A certificate already written for this network with the same spec, recipe, seeds, target and budget."""
+    cert = read_certificate(certificate_dir(results_dir, c.name) / "certificate.json")
+    if cert is None or c.spec is None:
         return None
-    same = (cert.get("spec") == json.loads(trial.spec.to_json()) and cert.get("config") == trial.config.to_dict()
+    same = (cert.get("spec") == json.loads(c.spec.to_json()) and cert.get("config") == c.cfg.to_dict()
             and len(cert.get("seeds", [])) == seeds and cert.get("target") == target
             and cert.get("max_params", RULES.max_params) == max_params)
     return cert if same else None
@@ -202,7 +275,7 @@ def front_summary(study_name: str, floor: float, seeds: int, certs: list[tuple[d
                 "test_acc_mean": c["final_test_acc_mean"], "test_acc_std": c["final_test_acc_std"],
                 "test_acc_per_seed": [r["final_test_acc"] for r in c["seeds"]], "certified": c["certified"],
                 "failed_rules": [r["rule"] for r in c["rules"] if not r["pass"]], "reused": reused,
-                "certificate": str(certificate_dir(results_dir, study_name, c["trial"]) / "certificate.json")}
+                "certificate": str(certificate_dir(results_dir, c["name"]) / "certificate.json")}
                for c, reused in certs]
     result = {"study": study_name, "floor": floor, "seeds": seeds, "target": certs[0][0]["target"] if certs else None,
               "entries": entries}

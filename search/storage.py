@@ -65,10 +65,12 @@ def default_storage_url(results_dir: str, study: str) -> str:
 STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 
-def check_study_name(name: str) -> str:
+def check_study_name(name: str, option: str = "--study") -> str:
+    """A name that becomes a file or folder name: letters, digits, '-', '_' and '.', not starting with a dot."""
     if not STUDY_NAME.fullmatch(name or ""):
-        raise SearchError(f"--study {name!r}: a study name is 1 to 100 letters, digits, '-', '_' or '.', not "
-                          "starting with a dot (it names the study's database file and folder)")
+        what = "a study name" if option == "--study" else "a name"
+        raise SearchError(f"{option} {name!r}: {what} is 1 to 100 letters, digits, '-', '_' or '.', not starting "
+                          "with a dot (it names files and a folder)")
     return name
 
 

@@ -199,10 +199,10 @@ def test_best_front_certifies_every_front_trial_once_and_the_report_draws_them(t
     assert [e["trial"] for e in summary["entries"]] == [r.number for r in front]
     assert summary["floor"] == 0.10 and summary["seeds"] == 1
     for entry, record in zip(summary["entries"], front):
-        cert = json.loads((results / "tiny" / "certified" / f"trial-{record.number}" / "certificate.json").read_text())
+        cert = json.loads((results / "certified" / f"tiny-trial-{record.number}" / "certificate.json").read_text())
         assert entry["n_params"] == record.n_params == cert["n_params"] and entry["val_acc"] == record.values[0]
         assert entry["test_acc_mean"] == cert["final_test_acc_mean"] > 0.5 and not entry["reused"]
-        assert (results / "tiny" / "certified" / f"trial-{record.number}" / "seed0.pt").is_file()
+        assert (results / "certified" / f"tiny-trial-{record.number}" / "seed0.pt").is_file()
     # Again: every certificate is reused, nothing retrained.
     out = runner.invoke(app, args)
     assert out.exit_code == 0 and out.output.count("its certificate is reused") == len(front), out.output

@@ -1,0 +1,213 @@
+"""`export`: a certified network out of budgetnas, as ONNX and TorchScript files any runtime loads, with BatchNorm
+folded into the convs before it, checked on the 10,000 test images, and a model card (MODEL.md) beside them.
+
+The exported network takes normalised images, (batch, 1, 28, 28) float32: (pixel / 255 - mean) / std with MNIST's
+mean and std, written into the ONNX file's metadata; the batch size is free. It returns 10 logits per image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import platform
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.budget import analyze
+from models.rules import RULES
+from models.spec import NetSpec
+from search.data import MEAN, STD, load_mnist
+from search.engine import evaluate, to_device
+from search.fsio import atomic_write_text
+from search.retrain import load_checkpoint
+from search.storage import provenance
+
+OPSET = 20  # ONNX opset: current in onnxruntime 1.17 and later
+TOLERANCE = 0.0001  # accuracy, as a fraction: an exported file must match its checkpoint to 0.01 points
+
+
+class ExportError(RuntimeError):
+    """An export that could not be made or does not compute what the checkpoint computes."""
+
+
+@dataclass
+class Exported:
+    folder: Path
+    onnx: Path
+    torchscript: Path
+    card: Path
+    n_params: int  # as trained
+    n_params_folded: int  # BatchNorm folded into the convs
+    accuracy: dict  # checkpoint, folded, onnx, torchscript: test accuracy (fractions)
+    seed: int
+
+
+def latest_certificate(results_dir: str) -> Path:
+    found = sorted(Path(results_dir).glob("certified/*/certificate.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ExportError(f"no certificate under {Path(results_dir) / 'certified'}; run `best` or `certify` first, "
+                          "or give --certificate PATH")
+    return found[-1]
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """The module in eval mode with every BatchNorm that follows a conv folded into the conv's weights and bias
+    (torch.fx's conv-BN fusion). Dropout is the identity in eval mode and is removed first (budgetnas's own Dropout
+    branches on the tensor, which a symbolic trace cannot follow)."""
+    from torch.fx.experimental.optimization import fuse
+
+    plain = copy.deepcopy(module).eval()
+    for name, sub in list(plain.named_modules()):
+        if isinstance(sub, nn.Dropout) and name:
+            parent = plain.get_submodule(name.rpartition(".")[0]) if "." in name else plain
+            setattr(parent, name.rpartition(".")[2], nn.Identity())
+    try:
+        return fuse(plain)
+    except Exception as exc:  # a forward torch.fx cannot trace: exported as it is
+        warnings.warn(f"BatchNorm not folded, the forward could not be traced: {type(exc).__name__}: {exc}",
+                      stacklevel=2)
+        return plain
+
+
+def _onnx_accuracy(path: Path, x: torch.Tensor, y: torch.Tensor) -> float:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    correct = 0
+    for i in range(0, len(y), 1000):  # in batches of 1,000: the batch size is dynamic
+        logits = session.run(None, {"image": x[i:i + 1000].numpy()})[0]
+        correct += int((torch.from_numpy(logits).argmax(1) == y[i:i + 1000]).sum())
+    return correct / len(y)
+
+
+def _write_onnx(model: nn.Module, path: Path, metadata: dict) -> None:
+    import onnx
+
+    example = torch.zeros(2, 1, 28, 28)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
+                          dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=OPSET,
+                          verbose=False)
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def _write_torchscript(model: nn.Module, path: Path) -> nn.Module:
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.x; still loaded by libtorch and torch
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.trace(model, torch.zeros(2, 1, 28, 28))
+        scripted.save(str(path))
+        return torch.jit.load(str(path))
+
+
+def export(certificate_path: Path, out_dir: Path | None = None, data_dir: str | None = None, seed: int | None = None,
+           log=print) -> Exported:
+    """Export one seed's checkpoint (by default the seed with the best final test accuracy) of a certificate."""
+    cert = json.loads(Path(certificate_path).read_text())
+    runs = {r["seed"]: r for r in cert["seeds"]}
+    if seed is None:
+        seed = max(runs, key=lambda s: (runs[s]["final_test_acc"], -s))
+    if seed not in runs:
+        raise ExportError(f"--seed {seed}: the certificate has seeds {', '.join(map(str, sorted(runs)))}")
+    checkpoint = Path(runs[seed]["checkpoint"])
+    if not checkpoint.exists():  # the certificate's folder moved (or the command ran elsewhere): look beside it
+        checkpoint = Path(certificate_path).parent / checkpoint.name
+    module, payload = load_checkpoint(checkpoint)
+    module.eval()
+    folder = Path(out_dir) if out_dir else Path(certificate_path).parent / "export"
+    folder.mkdir(parents=True, exist_ok=True)
+    mnist = load_mnist(data_dir, with_test=True)
+    x, y = to_device(mnist.test, torch.device("cpu"))
+    start = time.perf_counter()
+    accuracy = {"checkpoint": evaluate(module, x, y, bf16=False)[1]}
+    folded = fold_batchnorm(module)
+    accuracy["folded"] = evaluate(folded, x, y, bf16=False)[1]
+    n_params = sum(p.numel() for p in module.parameters())
+    n_folded = sum(p.numel() for p in folded.parameters())
+    failed = [r["rule"] for r in cert["rules"] if not r["pass"]]
+    metadata = {"input": "image: float32 (batch, 1, 28, 28), a grey 28x28 digit normalised as (pixel / 255 - mean) / std",
+                "normalisation_mean": f"{MEAN}", "normalisation_std": f"{STD}", "output": "logits: (batch, 10), digits 0-9",
+                "certificate": cert["name"], "n_params_trained": str(n_params), "n_params_folded": str(n_folded),
+                "test_accuracy": f"{accuracy['checkpoint']:.4f}", "seed": str(seed),
+                "rules": "all four pass" if not failed else "fails: " + "; ".join(failed)}
+    onnx_path, ts_path = folder / "model.onnx", folder / "model.torchscript.pt"
+    log(f"exporting {cert['name']} seed {seed}: {n_params:,} params, {n_folded:,} with BatchNorm folded")
+    _write_onnx(folded, onnx_path, metadata)
+    accuracy["onnx"] = _onnx_accuracy(onnx_path, x, y)
+    accuracy["torchscript"] = evaluate(_write_torchscript(folded, ts_path), x, y, bf16=False)[1]
+    for kind in ("folded", "onnx", "torchscript"):
+        gap = abs(accuracy[kind] - accuracy["checkpoint"])
+        if gap > TOLERANCE:
+            raise ExportError(f"the {kind} network's test accuracy {accuracy[kind]:.4%} differs from the checkpoint's "
+                              f"{accuracy['checkpoint']:.4%} by {gap * 100:.3f} points (at most "
+                              f"{TOLERANCE * 100:.2f} allowed); files left in {folder} for inspection")
+    card = atomic_write_text(folder / "MODEL.md", model_card(cert, seed, accuracy, n_params, n_folded, payload))
+    summary = {"certificate": str(Path(certificate_path).resolve()), "seed": seed, "accuracy": accuracy,
+               "n_params": n_params, "n_params_folded": n_folded, "onnx": str(onnx_path),
+               "torchscript": str(ts_path), "opset": OPSET, "seconds": time.perf_counter() - start}
+    atomic_write_text(folder / "export.json", json.dumps(summary, indent=2))
+    return Exported(folder, onnx_path, ts_path, card, n_params, n_folded, accuracy, seed)
+
+
+def model_card(cert: dict, seed: int, accuracy: dict, n_params: int, n_folded: int, payload: dict) -> str:
+    """MODEL.md: what the network is, how it was trained and certified, and how to reproduce it."""
+    lines = [f"# {cert['name']}", ""]
+    failed = [r for r in cert["rules"] if not r["pass"]]
+    lines += ["An MNIST digit classifier certified by budgetnas against the exercise's rules (fewer than "
+              f"{RULES.max_params:,} parameters, no fully connected layer, at most {RULES.max_epochs} epochs, at "
+              f"least {RULES.target_accuracy:.1%} final-epoch test accuracy).", ""]
+    lines += ["**Verdict: all rules pass.**" if not failed else
+              "**Verdict: FAILS " + "; ".join(f"{r['rule']} ({r['figure']})" for r in failed) + ".** Exported anyway "
+              "on request; it is not a certified answer to the exercise.", ""]
+    lines += ["## Rules", "", "| rule | figure | verdict |", "| --- | --- | --- |"]
+    lines += [f"| {r['rule']} | {r['figure']} | {'PASS' if r['pass'] else 'FAIL'} |" for r in cert["rules"]]
+    lines += ["", "## Test accuracy (final epoch, 10,000 test images)", "", "| seed | accuracy |", "| ---: | ---: |"]
+    lines += [f"| {r['seed']} | {r['final_test_acc']:.2%} |" for r in cert["seeds"]]
+    lines += [f"| mean +- sd | {cert['final_test_acc_mean']:.2%} +- {cert['final_test_acc_std']:.2%} |", "",
+              f"Exported: seed {seed}. Its accuracy as checkpoint {accuracy['checkpoint']:.2%}, with BatchNorm folded "
+              f"{accuracy['folded']:.2%}, ONNX (onnxruntime) {accuracy['onnx']:.2%}, TorchScript "
+              f"{accuracy['torchscript']:.2%}.", ""]
+    lines += ["## The network", "", f"{n_params:,} parameters as trained; {n_folded:,} with BatchNorm folded into the "
+              "convs (the same function).", ""]
+    if cert.get("spec"):
+        spec = NetSpec.from_dict(cert["spec"])
+        analysis = analyze(spec)
+        lines += ["| layer | op | output | parameters | receptive field (px) | MACs |",
+                  "| --- | --- | --- | ---: | ---: | ---: |"]
+        lines += [f"| {r.name} | {r.op} | {'x'.join(map(str, r.out_shape))} | {r.n_params:,} | "
+                  f"{'-' if r.receptive_field is None else r.receptive_field} | {r.macs:,} |" for r in analysis.layers]
+        lines += ["", f"Receptive field before global pooling: {analysis.receptive_field} px; {analysis.macs:,} MACs per "
+                  "image.", "", "Spec:", "", "```json", json.dumps(cert["spec"], indent=2), "```", ""]
+    else:
+        lines += [f"An nn.Module of its own: `{cert['module']['path']}:{cert['module']['class']}`.", ""]
+    cfg = cert["config"]
+    lines += ["## Training recipe", "", "| field | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in cfg.items() if k != "seed"]
+    lines += ["", "All 60,000 training images, seeds 0 to " f"{len(cert['seeds']) - 1}; input normalised with mean "
+              f"{MEAN} and std {STD}.", ""]
+    versions = cert.get("versions", {})
+    lines += ["## Provenance", "", f"- code: {versions.get('code', 'unknown')}",
+              f"- python {versions.get('python')}, torch {versions.get('torch')}, optuna {versions.get('optuna')}",
+              f"- trained on: {cert.get('device')} ({versions.get('host', '')}, {versions.get('platform', '')})",
+              f"- exported on: {platform.node()}, torch {torch.__version__}; code {provenance()['code']}", ""]
+    source = cert.get("source") or {}
+    if source.get("kind") == "trial":
+        again = f"python cli.py certify --study {source['study']} --trial {source['trial']}"
+    else:
+        again = f"python cli.py certify {source.get('target', cert['name'])}"
+    again += f" --seeds {len(cert['seeds'])} --epochs {cfg['epochs']}"
+    lines += ["## Reproduce", "", "```bash", again, f"python cli.py export --certificate "
+              f"results/certified/{cert['name']}/certificate.json", "```", ""]
+    return "\n".join(lines)
