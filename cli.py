@@ -17,7 +17,8 @@ from rich.text import Text
 
 from models.rules import RULES
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Plain help (no rich markup): markup would swallow the "[default: ...]" parts of the option descriptions.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help=f"Search small conv nets under a parameter budget (MNIST, <{RULES.max_params:,} params, no Linear, "
                        f"<={RULES.max_epochs} epochs).")
 console = Console(soft_wrap=True)  # log lines stay whole in files and CI logs
@@ -144,6 +145,9 @@ class DeviceName(str, Enum):
     cuda = "cuda"
 
 
+Device = Annotated[DeviceName, typer.Option(help="Where to train: auto (CUDA if present, else the CPU), cpu or cuda.")]
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM, turned into the same orderly stop as Ctrl-C."""
 
@@ -163,13 +167,13 @@ def search(  # long: one line per option, and the refusals of bad input before a
     max_params: MaxParams = RULES.max_params,
     objective: Annotated[Objective, typer.Option(help="accuracy: maximise validation accuracy; pareto: also "
                                                  "minimise parameters.")] = Objective.accuracy,
-    sampler: Annotated[SamplerName, typer.Option()] = SamplerName.tpe,
+    sampler: Annotated[SamplerName, typer.Option(help="Optuna sampler: tpe (multivariate TPE), random, or nsga2.")] = SamplerName.tpe,
     pruner: Annotated[PrunerName, typer.Option(help="Stops weak trials early: sha = successive halving at epochs 1, 3, 9 (default; also for pareto), hyperband, median or none.")] = PrunerName.sha,
     seed: Annotated[int, typer.Option(help="Sampler and training seed.")] = 0,
-    device: Annotated[DeviceName, typer.Option()] = DeviceName.auto,
+    device: Device = DeviceName.auto,
     jobs: Annotated[int, typer.Option(callback=bounded(1), help="Trials in parallel in this process (helps on a GPU).")] = 1,
     subset: Annotated[Optional[int], typer.Option(callback=bounded(100, 50_000, " training images"), help="Train on the first N training "
-                                                  "images (quick tries).")] = None,
+                                                  "images (quick tries) [default: all 50,000].")] = None,
     data_dir: DataDir = None,
     warm_start: Annotated[bool, typer.Option(help="Enqueue the presets as the first trials.")] = True,
     repair: Annotated[bool, typer.Option(help="Shrink over-budget candidates until they fit, instead of "
@@ -332,7 +336,7 @@ def best(
     seeds: Seeds = 3,
     epochs: CertifyEpochs = None,
     max_params: CertifyMaxParams = RULES.max_params,
-    device: Annotated[DeviceName, typer.Option()] = DeviceName.auto,
+    device: Device = DeviceName.auto,
     data_dir: DataDir = None,
     results_dir: Annotated[str, typer.Option(help="Where the study's files are.")] = "results",
 ) -> None:
@@ -408,7 +412,7 @@ def certify(
     augment: Annotated[Optional[float], typer.Option(help="Affine augmentation strength, 0 to 3 [default: the trial's, else 0.5].")] = None,
     label_smoothing: Annotated[Optional[float], typer.Option(help="[default: the trial's, else 0.05].")] = None,
     max_params: CertifyMaxParams = RULES.max_params,
-    device: Annotated[DeviceName, typer.Option()] = DeviceName.auto,
+    device: Device = DeviceName.auto,
     data_dir: DataDir = None,
     results_dir: Annotated[str, typer.Option(help="Where certificates go (<results>/certified/<name>/).")] = "results",
 ) -> None:
