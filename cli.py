@@ -521,7 +521,11 @@ def report(
 
     study_obj = _open_study(study, storage, results_dir)
     path = write_report(study_obj, results_dir, read_best(results_dir, study), read_front(results_dir, study))
-    console.print(f"report: {path} ({len(study_obj.get_trials(deepcopy=False))} trials)", highlight=False)
+    from search.record import count_trained, outcome_counts
+
+    counts = outcome_counts(study_obj)
+    console.print(f"report: {path} ({count_trained(study_obj)} trained, {counts.get('rejected', 0)} rejected, "
+                  f"{counts.get('queued', 0)} queued)", highlight=False)
     if open_browser:
         import webbrowser
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from search.fsio import atomic_write_text
 
 ENV_VAR = "BUDGETNAS_DATA"
 DEFAULT_ROOT = "./data"
@@ -62,10 +65,38 @@ def resolve_root(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def raw_dir(root: Path) -> Path:
-    """The folder with the IDX files: `root/MNIST/raw`, or `root` itself when the files lie there."""
-    if any((root / name).exists() for name in FILES):
-        return root
+    """The folder with the IDX files, whichever of three folders --data-dir names: the data root (`root/MNIST/raw`),
+    the `MNIST` folder (`root/raw`), or the `raw` folder itself."""
+    for folder in (root, root / "raw"):
+        if any((folder / name).exists() for name in FILES):
+            return folder
     return root / "MNIST" / "raw"
+
+
+# md5 sums verified once per file and remembered across commands (a stamp per file: path, size and modification
+# time), in the user's cache, never beside the data (which may be read-only or shared). Reading 55 MB for md5 cost
+# every command about 4 s.
+STAMPS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "budgetnas" / "verified-md5.json"
+
+
+def _stamp(path: Path, size: int, mtime_ns: int) -> str:
+    return f"{path.resolve()}|{size}|{mtime_ns}"
+
+
+def _verified_before(path: Path, size: int, mtime_ns: int, md5: str) -> bool:
+    try:
+        return json.loads(STAMPS.read_text()).get(_stamp(path, size, mtime_ns)) == md5
+    except (OSError, ValueError):
+        return False
+
+
+def _remember_verified(path: Path, size: int, mtime_ns: int, md5: str) -> None:
+    try:
+        known = json.loads(STAMPS.read_text()) if STAMPS.exists() else {}
+        known[_stamp(path, size, mtime_ns)] = md5
+        atomic_write_text(STAMPS, json.dumps(known, indent=1))
+    except (OSError, ValueError):
+        pass  # a cache: without it, the next command checks the md5 again
 
 
 def _md5(path: Path) -> str:
@@ -99,9 +130,12 @@ def _check_file(path: Path, actual: int, mtime_ns: int) -> None:
         raise DataError(f"{path}: header says {got_items:,} items, expected {items:,}")
     if actual != size:
         raise DataError(f"{path}: {actual:,} bytes, expected {size:,}: the file is truncated or padded")
+    if _verified_before(path, actual, mtime_ns, md5):
+        return
     digest = _md5(path)
     if digest != md5:
         raise DataError(f"{path}: md5 {digest} does not match the published {md5}: the file is corrupted")
+    _remember_verified(path, actual, mtime_ns, md5)
 
 
 def _download(root: Path) -> None:

@@ -215,7 +215,7 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
     pareto = opts.objective == "pareto"
     ctx.log(f"trial {trial.number}: training {c.n_params:,} params, RF {w.get('receptive_field')} px, "
             f"{cfg.optimizer} lr {cfg.lr:.3g} {cfg.schedule} bs {cfg.batch_size} "
-            f"[{count_trained(trial.study)}/{opts.trials} trained]")
+            f"[trained trial {count_trained(trial.study)} of {opts.trials}]")
     fault = opts.faults.get(trial.number)  # a test's injected failure
     if fault == "nan":
         cfg = TrainConfig(**{**cfg.to_dict(), "lr": 1e6, "optimizer": "sgd"})

@@ -140,7 +140,7 @@ def fig_learning_curves(data: ReportData) -> go.Figure:
                                      opacity=1.0 if row["outcome"] == "completed" else 0.5))
     fig.add_hline(y=data.target * 100, line={"color": "green", "dash": "dash"})
     fig.update_layout(title="Learning curves: validation accuracy per epoch", xaxis_title="epoch",
-                      yaxis_title="validation accuracy (%)")
+                      yaxis_title="validation accuracy (%)", xaxis={"tickformat": "d", "dtick": 1})
     return fig
 
 
@@ -188,9 +188,17 @@ def fig_certification(cert: dict) -> go.Figure:
     fig.add_hline(y=cert["target"] * 100, line={"color": "green", "dash": "dash"})
     fig.update_layout(title=f"Certification of trial {cert['trial']}: train against test, per seed "
                             "(train figures are on the augmented, label-smoothed batches)",
-                      xaxis_title="epoch", yaxis={"title": "accuracy (%)", "range": [97, 100]},
-                      yaxis2={"title": "loss", "overlaying": "y", "side": "right"})
+                      xaxis={"title": "epoch", "tickformat": "d", "dtick": 1},
+                      yaxis={"title": "accuracy (%)", "range": [97, 100]},
+                      yaxis2={"title": "loss", "overlaying": "y", "side": "right", "rangemode": "tozero"})
     return fig
+
+
+def _trials_that_ran(study: optuna.Study) -> optuna.Study:
+    """An in-memory copy of the study without the trials still queued (WAITING: never started, nothing to draw)."""
+    copy = optuna.create_study(directions=study.directions)
+    copy.add_trials([t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
+    return copy
 
 
 class FigureFailed(str):
@@ -208,7 +216,7 @@ def _optuna_figures(study: optuna.Study, data: ReportData) -> list[tuple[str, go
         ("Optimisation history", lambda: vis.plot_optimization_history(study, target=target, target_name=name)),
         ("Parallel coordinates", lambda: vis.plot_parallel_coordinate(study, target=target, target_name=name)),
         ("Hyperparameter importances", lambda: vis.plot_param_importances(study, target=target, target_name=name)),
-        ("Timeline of trials", lambda: vis.plot_timeline(study)),
+        ("Timeline of trials", lambda: vis.plot_timeline(_trials_that_ran(study))),
     ]
     for title, make in makers:
         if title != "Timeline of trials" and len(completed) < 2:
@@ -319,7 +327,7 @@ def render(data: ReportData, study: optuna.Study) -> str:  # long: the page's se
             f"(trial {data.best['number']})" if data.best else "no completed trial yet")
     cards = [("trained", data.n_trained), ("completed", c.get("completed", 0)), ("pruned", c.get("pruned", 0)),
              ("rejected", c.get("rejected", 0)), ("failed", c.get("failed", 0) + c.get("stale", 0)),
-             ("time spent", f"{data.time_spent_s / 60:,.1f} min")]
+             ("queued (not run yet)", c.get("queued", 0)), ("time spent", f"{data.time_spent_s / 60:,.1f} min")]
     parts.append(f"<h1>budgetnas study <code>{html.escape(data.study_name)}</code></h1>"
                  f"<p class='muted'>Best: {html.escape(best)}. Budget: fewer than {data.max_params:,} parameters; "
                  f"target {data.target:.1%}; objective {html.escape(data.objective)}.</p>"
@@ -327,10 +335,10 @@ def render(data: ReportData, study: optuna.Study) -> str:  # long: the page's se
 
     n_trials = len(data.frame)
     if data.best is None or n_trials < 2:
-        parts.append(f"<p class='note' id='too-few'>This study has {n_trials} trial(s) and "
+        parts.append(f"<p class='note' id='too-few'>This study has {data.n_trained} trained trial(s) and "
                      f"{c.get('completed', 0)} completed: figures need more. Run <code>cli.py search</code> "
                      "for more trials, then <code>cli.py report</code> again.</p>")
-    if n_trials:
+    if data.n_trained:  # an empty study (or one of rejections only) has nothing to plot: the note above says so
         figure("Parameters against validation accuracy", fig_params_vs_accuracy(data), "params-vs-accuracy")
         figure("Trials over the parameter axis", fig_parameter_spread(data), "parameter-spread")
         figure("Learning curves", fig_learning_curves(data), "learning-curves")

@@ -154,7 +154,10 @@ def check_setup(storage, study_name: str, setup: dict) -> None:
     # Keys a study stored: an older study, made before a key was added, is compared on the keys it has.
     changed = {k: v for k, v in setup.items() if k in (stored or {}) and stored[k] != v}
     if changed:
-        diff = ", ".join(f"{k} was {stored.get(k)!r}, now {v!r}" for k, v in changed.items())
+        def show(key: str, value) -> str:  # None means "all" for the training subset
+            return "all 50,000 images" if key == "subset" and value is None else repr(value)
+
+        diff = ", ".join(f"{k} was {show(k, stored.get(k))}, now {show(k, v)}" for k, v in changed.items())
         raise SearchError(f"study {study_name!r} was created with a different set-up ({diff}); "
                           "continue it with its own options, or give a new --study name")
 

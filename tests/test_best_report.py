@@ -128,7 +128,7 @@ def test_report_of_an_empty_study_says_so(tmp_path):
     storage = f"sqlite:///{tmp_path / 'e.db'}"
     study = optuna.create_study(study_name="e", storage=storage)
     path = write_report(study, str(tmp_path))
-    assert "This study has 0 trial(s)" in path.read_text()
+    assert "This study has 0 trained trial(s)" in path.read_text()
 
 
 @pytest.mark.browser
@@ -220,3 +220,14 @@ def test_best_front_certifies_every_front_trial_once_and_the_report_draws_them(t
     assert out.exit_code == 0, out.output
     page = (results / "tiny" / "report.html").read_text()
     assert "id='certified-front'" in page and "certified test accuracy (1 seed)" in page
+
+
+def test_report_of_an_empty_study_says_so_without_figures(tmp_path):
+    import optuna
+
+    optuna.create_study(study_name="empty", storage=f"sqlite:///{tmp_path / 'empty.db'}")
+    out = runner.invoke(app, ["report", "--study", "empty", "--results-dir", str(tmp_path)])
+    assert out.exit_code == 0 and "(0 trained, 0 rejected, 0 queued)" in out.output, out.output
+    page = (tmp_path / "empty" / "report.html").read_text()
+    assert "id='too-few'" in page and "0 trained trial(s)" in page
+    assert "js-plotly-plot" not in page and 'id="params-vs-accuracy"' not in page

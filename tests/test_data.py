@@ -67,3 +67,37 @@ def test_missing_root_with_failed_download_says_what_to_do(tmp_path, monkeypatch
         load_mnist(tmp_path / "nowhere")
     message = str(info.value)
     assert "downloading it failed" in message and "--data-dir" in message and "BUDGETNAS_DATA" in message
+
+
+def test_data_dir_may_name_the_root_the_mnist_folder_or_the_raw_folder(data_root):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    for folder in (data_root, data_root / "MNIST", data_root / "MNIST" / "raw"):
+        out = CliRunner().invoke(app, ["data", "--data-dir", str(folder)])
+        assert out.exit_code == 0 and "all four files check out" in out.output, (folder, out.output)
+
+
+def test_md5_is_read_once_per_file_and_again_when_the_file_changes(mnist_copy, tmp_path, monkeypatch):
+    from search import data
+
+    monkeypatch.setattr(data, "STAMPS", tmp_path / "cache" / "verified-md5.json")
+    reads = []
+    real_md5 = data._md5
+    monkeypatch.setattr(data, "_md5", lambda path: reads.append(path.name) or real_md5(path))
+    data._check_file.cache_clear()
+    check_data_root(mnist_copy)
+    assert sorted(reads) == sorted(data.FILES)
+    data._check_file.cache_clear()  # a new command: the process cache is gone, the stamps are not
+    check_data_root(mnist_copy)
+    assert len(reads) == 4
+    labels = mnist_copy / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    with open(labels, "r+b") as f:  # damaged in place, same size: a new modification time, so read again
+        f.seek(100)
+        old = f.read(1)[0]
+        f.seek(100)
+        f.write(bytes([(old + 1) % 10]))  # another label
+    data._check_file.cache_clear()
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte: md5"):
+        check_data_root(mnist_copy)

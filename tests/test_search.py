@@ -1,6 +1,8 @@
 """A real search on a small subset: storage, rejections, trials.csv, resuming to N and not past it."""
 
 import json
+
+import pytest
 import os
 import signal
 import subprocess
@@ -252,3 +254,14 @@ def test_workers_claim_indices_and_seed_their_samplers_from_them(tmp_path):
     # Worker 0 draws what a lone search with --seed 5 draws; worker 1 its own, the same on every run.
     assert first_draws(0) == first_draws()
     assert first_draws(1) == first_draws(1) != first_draws(0)
+
+
+def test_a_changed_setup_is_said_in_words(tmp_path):
+    import optuna
+
+    from search.storage import SearchError, check_setup
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'w.db'}")
+    optuna.create_study(study_name="w", storage=storage).set_user_attr("setup", {"subset": 2000, "epochs": 2})
+    with pytest.raises(SearchError, match="subset was 2000, now all 50,000 images"):
+        check_setup(storage, "w", {"subset": None, "epochs": 2, "precision": "fp32"})  # a key it lacks: not compared
