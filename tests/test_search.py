@@ -1,8 +1,6 @@
 """A real search on a small subset: storage, rejections, trials.csv, resuming to N and not past it."""
 
 import json
-
-import pytest
 import os
 import signal
 import subprocess
@@ -11,6 +9,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from optuna.trial import TrialState
 
 from search.engine.whole_step import cpu_shards
