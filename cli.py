@@ -42,6 +42,12 @@ DataDir = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holdi
 CertifyMaxParams = Annotated[int, typer.Option("--max-params", callback=bounded(1), help=(
     f"A budget judged beside the exercise's four rules (which always include fewer than {RULES.max_params:,})."))]
 Study = Annotated[str, typer.Option("--study", help="Study name.")]
+DATASET_HELP = ("mnist, fashion-mnist, kmnist, or idx (four IDX files of 28x28 grey images and integer labels "
+                "under --data-dir)")
+Dataset = Annotated[str, typer.Option("--dataset", help=f"The image set: {DATASET_HELP}.")]
+Target = Annotated[Optional[float], typer.Option("--target", callback=bounded(0, 100, " percent"), help=(
+    "Target accuracy, percent [default: 99.4 for MNIST; none for other sets, whose reports then draw no target "
+    "line and whose certificates do not judge accuracy]."))]
 Storage = Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL "
                                                 "[default: sqlite:///results/<study>.db].")]
 
@@ -175,6 +181,8 @@ def search(  # long: one line per option, and the refusals of bad input before a
     subset: Annotated[Optional[int], typer.Option(callback=bounded(100, 50_000, " training images"), help="Train on the first N training "
                                                   "images (quick tries) [default: all 50,000].")] = None,
     data_dir: DataDir = None,
+    dataset: Dataset = "mnist",
+    target: Target = None,
     warm_start: Annotated[bool, typer.Option(help="Enqueue the presets as the first trials.")] = True,
     repair: Annotated[bool, typer.Option(help="Shrink over-budget candidates until they fit, instead of "
                                          "rejecting them.")] = False,
@@ -202,13 +210,15 @@ def search(  # long: one line per option, and the refusals of bad input before a
         opts = SearchOptions(trials=trials, study=study, storage=storage, results_dir=results_dir, epochs=epochs,
                              max_params=max_params, objective=objective.value, sampler=sampler.value,
                              pruner=pruner.value, seed=seed, device=device.value, jobs=jobs, subset=subset,
-                             data_dir=data_dir, warm_start=warm_start, repair=repair, max_rejections=max_rejections, min_rf=min_rf,
+                             data_dir=data_dir, dataset=dataset, target=None if target is None else target / 100,
+                             warm_start=warm_start, repair=repair, max_rejections=max_rejections, min_rf=min_rf,
                              threads=threads, heartbeat=beat, worker=worker_id or this_worker())
         resolve_device(opts.device)
-        check_data_root(data_dir)
+        check_data_root(data_dir, dataset)
         _refuse_sqlite_across_threads(opts)
         check_results_folder(opts.results_dir, opts.study, opts.storage_url)  # writable, and not another storage's
-        load_mnist(data_dir)  # absent files: the download is tried, and refused here, before anything is written
+        load_mnist(data_dir, dataset=dataset)  # absent files: the download is tried, and refused here, before anything
+        # is written
     except (SearchError, DataError, ValueError) as exc:
         raise fail(str(exc)) from None
 
@@ -278,7 +288,7 @@ def _refuse_epochs(epochs: Optional[int]) -> None:
         raise typer.Exit(1)
 
 
-def _certify_all(chosen, *, seeds, data_dir, device, results_dir, max_params, reuse=False):
+def _certify_all(chosen, *, seeds, data_dir, device, results_dir, max_params, target, reuse=False):
     """Certify each network (refusing, before any training, one that a rule already fails); [(certificate, reused)]."""
     from search.console import print_verdict
     from search.data import DataError
@@ -292,7 +302,7 @@ def _certify_all(chosen, *, seeds, data_dir, device, results_dir, max_params, re
     log = lambda line: console.print(line, highlight=False, markup=False)  # noqa: E731
     certs: list[tuple[dict, bool]] = []
     for c in chosen:
-        reused = reusable_certificate(results_dir, c, seeds, RULES.target_accuracy, max_params) if reuse else None
+        reused = reusable_certificate(results_dir, c, seeds, target, max_params) if reuse else None
         if reused:
             console.print(f"{c.label()}: certified before with the same network, recipe and seeds; its certificate is "
                           "reused", highlight=False)
@@ -302,7 +312,7 @@ def _certify_all(chosen, *, seeds, data_dir, device, results_dir, max_params, re
         console.print(f"certifying {c.label()}{val}", highlight=False)
         try:
             result = certify(c, seeds=seeds, data_dir=data_dir, device=device, results_dir=results_dir,
-                             max_params=max_params, log=log)
+                             max_params=max_params, target=target, log=log)
         except DataError as exc:
             raise fail(str(exc)) from None
         print_verdict(result, seeds)
@@ -311,13 +321,13 @@ def _certify_all(chosen, *, seeds, data_dir, device, results_dir, max_params, re
     yield certs
 
 
-def _check_run_inputs(device: "DeviceName", data_dir: Optional[str]) -> None:
+def _check_run_inputs(device: "DeviceName", data_dir: Optional[str], dataset: str = "mnist") -> None:
     from search.data import DataError, check_data_root
     from search.engine import resolve_device
 
     try:
         resolve_device(device.value)
-        check_data_root(data_dir)
+        check_data_root(data_dir, dataset)
     except (DataError, ValueError) as exc:
         raise fail(str(exc)) from None
 
@@ -342,6 +352,7 @@ def best(
 ) -> None:
     """Retrain the winner on all 60,000 training images with several seeds and certify it on the test set."""
     from search.console import print_front
+    from search.record import study_dataset, study_target
     from search.retrain import (certificate_dir, front_summary, front_to_certify, from_trial, pick_winner,
                                 with_recipe, write_best)
     from search.storage import SearchError
@@ -349,12 +360,12 @@ def best(
     if front and (trial is not None or target is not None):
         raise fail("--front certifies the whole front; it takes neither --trial nor --target")
     _refuse_epochs(epochs)
-    _check_run_inputs(device, data_dir)
     study_obj = _open_study(study, storage, results_dir)
+    _check_run_inputs(device, data_dir, study_dataset(study_obj))
     try:
         records = front_to_certify(study_obj, floor / 100) if front else [
             pick_winner(study_obj, trial, None if target is None else target / 100)]
-        chosen = [with_recipe(from_trial(study, r), epochs=epochs) for r in records]
+        chosen = [with_recipe(from_trial(study_obj, r), epochs=epochs) for r in records]
     except (SearchError, ValueError) as exc:
         raise fail(str(exc)) from None
     if front:
@@ -367,7 +378,7 @@ def best(
                       "allowance", highlight=False)
     certs: list = []
     for certs in _certify_all(chosen, seeds=seeds, data_dir=data_dir, device=device.value, results_dir=results_dir,
-                              max_params=max_params, reuse=front):
+                              max_params=max_params, target=study_target(study_obj), reuse=front):
         if front and certs:  # written after each trial: an interrupted --front keeps what it certified
             front_summary(study, floor / 100, seeds, certs, results_dir)
     if front:
@@ -412,6 +423,9 @@ def certify(
     augment: Annotated[Optional[float], typer.Option(help="Affine augmentation strength, 0 to 3 [default: the trial's, else 0.5].")] = None,
     label_smoothing: Annotated[Optional[float], typer.Option(help="[default: the trial's, else 0.05].")] = None,
     max_params: CertifyMaxParams = RULES.max_params,
+    dataset: Annotated[Optional[str], typer.Option(help=f"The image set: {DATASET_HELP} [default: the study's, else "
+                                                   "mnist].")] = None,
+    target_accuracy: Target = None,
     device: Device = DeviceName.auto,
     data_dir: DataDir = None,
     results_dir: Annotated[str, typer.Option(help="Where certificates go (<results>/certified/<name>/).")] = "results",
@@ -422,17 +436,22 @@ def certify(
     from models.presets import PRESETS
     from models.spec import NetSpec
     from search.engine import TrainConfig
+    from search.data import KNOWN, load_data
+    from search.record import study_target
     from search.retrain import Certifiable, from_trial, pick_winner, with_recipe
     from search.storage import SearchError, check_study_name
 
     if (target is None) == (trial is None):
         raise fail("give a TARGET (preset, spec JSON, file.py:Class) or --study S --trial N, one of the two")
     _refuse_epochs(epochs)
-    _check_run_inputs(device, data_dir)
+    _check_run_inputs(device, data_dir, dataset or "mnist")
     try:
         if trial is not None:
             study_obj = _open_study(study or "mnist", storage, results_dir)
-            c = from_trial(study_obj.study_name, pick_winner(study_obj, trial))
+            c = from_trial(study_obj, pick_winner(study_obj, trial))
+            if dataset is not None and dataset != c.dataset:
+                raise SearchError(f"--dataset {dataset}: study {study_obj.study_name!r} searched {c.dataset}")
+            study_given = study_target(study_obj)
         else:
             net = _load_target(target)
             cfg = TrainConfig(epochs=RULES.max_epochs)
@@ -445,13 +464,18 @@ def certify(
                 c = Certifiable(class_name, {"kind": "module", "target": target}, cfg, module_path=path,
                                 module_class=class_name)
         c.name = check_study_name(name if name is not None else c.name, "--name")
+        if trial is None:
+            c.dataset = dataset or "mnist"
+            c.classes = load_data(data_dir, dataset=c.dataset).classes  # the logits a module must output
+            study_given = KNOWN[c.dataset].target if c.dataset in KNOWN else None
         c = with_recipe(c, epochs=epochs, optimizer=optimizer and optimizer.value, lr=lr, batch_size=batch_size,
                         schedule=schedule and schedule.value, augment=augment, label_smoothing=label_smoothing)
     except (SearchError, ValueError) as exc:
         raise fail(str(exc)) from None
     certs: list = []
+    judged = target_accuracy / 100 if target_accuracy is not None else study_given
     for certs in _certify_all([c], seeds=seeds, data_dir=data_dir, device=device.value, results_dir=results_dir,
-                              max_params=max_params):
+                              max_params=max_params, target=judged):
         pass
     from search.retrain import certificate_dir
 
@@ -534,17 +558,21 @@ def report(
 
 
 @app.command()
-def data(data_dir: DataDir = None) -> None:
-    """Check the MNIST files under the data root (header, count, size, md5) and print the split sizes."""
-    from search.data import DataError, check_data_root, load_mnist
+def data(data_dir: DataDir = None, dataset: Dataset = "mnist") -> None:
+    """Check a set's files under the data root (header, counts, shape, size, md5) and print the split sizes."""
+    from search.data import KNOWN, DataError, check_data_root, load_data
 
     try:
-        check_data_root(data_dir)
-        mnist = load_mnist(data_dir, with_test=True)
+        check_data_root(data_dir, dataset)
+        found = load_data(data_dir, dataset=dataset, with_test=True)
     except DataError as exc:
         raise fail(str(exc)) from None
-    console.print(f"MNIST under {mnist.root}: {len(mnist.train):,} train, {len(mnist.val):,} validation "
-                  f"(held out from the training set), {len(mnist.test):,} test images; all four files check out")
+    verified = ("all four files match the published md5 sums" if dataset in KNOWN and KNOWN[dataset].md5 else
+                "files checked (header, counts, shape); md5 sums recorded: " + ", ".join(
+                    f"{name} {digest}" for name, digest in sorted(found.md5.items())))
+    console.print(f"{dataset} under {found.root}: {len(found.train):,} train, {len(found.val):,} validation (held out "
+                  f"from the training set), {len(found.test):,} test images; {found.classes} classes; normalised "
+                  f"with mean {found.mean:.4f}, std {found.std:.4f}; {verified}", highlight=False)
 
 
 if __name__ == "__main__":

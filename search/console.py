@@ -68,8 +68,9 @@ def print_verdict(result: dict, seeds: int) -> None:
     per_seed = ", ".join(f"seed {r['seed']}: {r['final_test_acc']:.2%}" for r in result["seeds"])
     if seeds > 1:
         per_seed += f"; mean {result['final_test_acc_mean']:.2%} +- {result['final_test_acc_std']:.2%} (sample sd)"
-    console.print(f"final-epoch test accuracy {per_seed}; {result['seeds_reaching_target']} of {seeds} "
-                  f"seed{'s' if seeds > 1 else ''} reached {result['target']:.2%}", highlight=False)
+    reached = (f"; {result['seeds_reaching_target']} of {seeds} seed{'s' if seeds > 1 else ''} reached "
+               f"{result['target']:.2%}" if result.get("target") is not None else "")
+    console.print(f"final-epoch test accuracy {per_seed}{reached}", highlight=False)
 
 
 def print_front(summary: dict) -> None:

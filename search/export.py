@@ -23,7 +23,7 @@ from torch import nn
 from models.budget import analyze
 from models.rules import RULES
 from models.spec import NetSpec
-from search.data import MEAN, STD, load_mnist
+from search.data import MEAN, STD, load_data
 from search.engine import evaluate, to_device
 from search.fsio import atomic_write_text
 from search.retrain import load_checkpoint
@@ -128,8 +128,10 @@ def export(certificate_path: Path, out_dir: Path | None = None, data_dir: str | 
     module.eval()
     folder = Path(out_dir) if out_dir else Path(certificate_path).parent / "export"
     folder.mkdir(parents=True, exist_ok=True)
-    mnist = load_mnist(data_dir, with_test=True)
-    x, y = to_device(mnist.test, torch.device("cpu"))
+    record = cert.get("dataset") or {"name": "mnist", "mean": MEAN, "std": STD, "classes": 10}  # older: MNIST
+    data_set = load_data(data_dir, dataset=record["name"], with_test=True)
+    stats = (record["mean"], record["std"])
+    x, y = to_device(data_set.test, torch.device("cpu"), stats)
     start = time.perf_counter()
     accuracy = {"checkpoint": evaluate(module, x, y, bf16=False)[1]}
     folded = fold_batchnorm(module)
@@ -137,8 +139,10 @@ def export(certificate_path: Path, out_dir: Path | None = None, data_dir: str | 
     n_params = sum(p.numel() for p in module.parameters())
     n_folded = sum(p.numel() for p in folded.parameters())
     failed = [r["rule"] for r in cert["rules"] if not r["pass"]]
-    metadata = {"input": "image: float32 (batch, 1, 28, 28), a grey 28x28 digit normalised as (pixel / 255 - mean) / std",
-                "normalisation_mean": f"{MEAN}", "normalisation_std": f"{STD}", "output": "logits: (batch, 10), digits 0-9",
+    metadata = {"dataset": record["name"],
+                "input": "image: float32 (batch, 1, 28, 28), a grey 28x28 image normalised as (pixel / 255 - mean) / std",
+                "normalisation_mean": f"{stats[0]}", "normalisation_std": f"{stats[1]}",
+                "output": f"logits: (batch, {record['classes']}), classes 0-{record['classes'] - 1}",
                 "certificate": cert["name"], "n_params_trained": str(n_params), "n_params_folded": str(n_folded),
                 "test_accuracy": f"{accuracy['checkpoint']:.4f}", "seed": str(seed),
                 "rules": "all four pass" if not failed else "fails: " + "; ".join(failed)}
@@ -153,7 +157,7 @@ def export(certificate_path: Path, out_dir: Path | None = None, data_dir: str | 
             raise ExportError(f"the {kind} network's test accuracy {accuracy[kind]:.4%} differs from the checkpoint's "
                               f"{accuracy['checkpoint']:.4%} by {gap * 100:.3f} points (at most "
                               f"{TOLERANCE * 100:.2f} allowed); files left in {folder} for inspection")
-    card = atomic_write_text(folder / "MODEL.md", model_card(cert, seed, accuracy, n_params, n_folded, payload))
+    card = atomic_write_text(folder / "MODEL.md", model_card(cert, seed, accuracy, n_params, n_folded, stats))
     summary = {"certificate": str(Path(certificate_path).resolve()), "seed": seed, "accuracy": accuracy,
                "n_params": n_params, "n_params_folded": n_folded, "onnx": str(onnx_path),
                "torchscript": str(ts_path), "opset": OPSET, "seconds": time.perf_counter() - start}
@@ -161,11 +165,12 @@ def export(certificate_path: Path, out_dir: Path | None = None, data_dir: str | 
     return Exported(folder, onnx_path, ts_path, card, n_params, n_folded, accuracy, seed)
 
 
-def model_card(cert: dict, seed: int, accuracy: dict, n_params: int, n_folded: int, payload: dict) -> str:
+def model_card(cert: dict, seed: int, accuracy: dict, n_params: int, n_folded: int, stats: tuple[float, float]) -> str:
     """MODEL.md: what the network is, how it was trained and certified, and how to reproduce it."""
     lines = [f"# {cert['name']}", ""]
     failed = [r for r in cert["rules"] if not r["pass"]]
-    lines += ["An MNIST digit classifier certified by budgetnas against the exercise's rules (fewer than "
+    dataset = (cert.get("dataset") or {}).get("name", "mnist")
+    lines += [f"A {dataset} classifier certified by budgetnas against the exercise's rules (fewer than "
               f"{RULES.max_params:,} parameters, no fully connected layer, at most {RULES.max_epochs} epochs, at "
               f"least {RULES.target_accuracy:.1%} final-epoch test accuracy).", ""]
     lines += ["**Verdict: all rules pass.**" if not failed else
@@ -195,8 +200,12 @@ def model_card(cert: dict, seed: int, accuracy: dict, n_params: int, n_folded: i
     cfg = cert["config"]
     lines += ["## Training recipe", "", "| field | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in cfg.items() if k != "seed"]
-    lines += ["", "All 60,000 training images, seeds 0 to " f"{len(cert['seeds']) - 1}; input normalised with mean "
-              f"{MEAN} and std {STD}.", ""]
+    lines += ["", f"All of {dataset}'s training images, seeds 0 to {len(cert['seeds']) - 1}; input normalised with "
+              f"mean {stats[0]} and std {stats[1]}.", ""]
+    if cert.get("dataset", {}).get("md5"):
+        lines += ["Data files (md5 of the uncompressed content):", ""]
+        lines += [f"- {name}: {digest}" for name, digest in cert["dataset"]["md5"].items()]
+        lines += [""]
     versions = cert.get("versions", {})
     lines += ["## Provenance", "", f"- code: {versions.get('code', 'unknown')}",
               f"- python {versions.get('python')}, torch {versions.get('torch')}, optuna {versions.get('optuna')}",
@@ -207,6 +216,8 @@ def model_card(cert: dict, seed: int, accuracy: dict, n_params: int, n_folded: i
         again = f"python cli.py certify --study {source['study']} --trial {source['trial']}"
     else:
         again = f"python cli.py certify {source.get('target', cert['name'])}"
+        if dataset != "mnist":
+            again += f" --dataset {dataset}"
     again += f" --seeds {len(cert['seeds'])} --epochs {cfg['epochs']}"
     lines += ["## Reproduce", "", "```bash", again, f"python cli.py export --certificate "
               f"results/certified/{cert['name']}/certificate.json", "```", ""]

@@ -69,6 +69,7 @@ class TrialContext:
     consecutive_untrained: int = 0
     stop_reason: str | None = None
     pareto_rungs: set[int] = field(default_factory=set)
+    classes: int = 10  # logits the networks end in: the set's classes
 
 
 # ---- the gates ------------------------------------------------------------------------------------
@@ -78,7 +79,8 @@ def gate_suggest(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | N
         with warnings.catch_warnings():  # the enqueued presets may lie between the space's width steps
             warnings.filterwarnings("ignore", message="Fixed parameter .* out of range", category=UserWarning)
             c.spec, c.cfg = space.suggest(w.trial, epochs=ctx.opts.epochs, seed=ctx.opts.seed,
-                                          param_target=ctx.opts.objective == "pareto", max_params=ctx.opts.max_params)
+                                          param_target=ctx.opts.objective == "pareto", max_params=ctx.opts.max_params,
+                                          num_classes=ctx.classes)
     except SpecError as exc:
         return Refusal(Outcome.REJECTED, f"invalid layout: {exc}", constraint=1)
     return None
@@ -125,7 +127,7 @@ def gate_duplicate(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal |
 
 def gate_module(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | None:
     c.module = build(c.spec)
-    verdict = check_module(c.module, max_params=ctx.opts.max_params)
+    verdict = check_module(c.module, max_params=ctx.opts.max_params, num_classes=c.spec.num_classes)
     if not verdict.ok:  # the real module must agree with the spec's arithmetic
         return Refusal(Outcome.REJECTED, "built module refused: " + "; ".join(verdict.reasons))
     c.n_params = verdict.n_params

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models.rules import RULES
-from search.data import N_VAL, SPLIT_SEED
+from search.data import DATASETS, KNOWN, N_VAL, SPLIT_SEED
 from search.pruning import PRUNERS
 from search.storage import HEARTBEAT, SearchError, check_study_name, storage_url, this_worker
 
@@ -34,6 +34,8 @@ class SearchOptions:
     jobs: int = 1
     subset: int | None = None  # train on the first N images of the training split
     data_dir: str | None = None
+    dataset: str = "mnist"  # one of search.data.DATASETS
+    target: float | None = None  # accuracy (fraction) the report draws and `best --target` means; default: the set's
     warm_start: bool = True
     repair: bool = False
     min_rf: int = MIN_RF  # receptive field in pixels: candidates seeing less of the digit are not trained
@@ -74,6 +76,16 @@ class SearchOptions:
             bad("max_rejections", "must be at least 1")
         if self.threads is not None and self.threads < 1:
             bad("threads", "must be at least 1")
+        if self.dataset not in DATASETS:
+            bad("dataset", f"must be one of {', '.join(DATASETS)}")
+        if self.target is not None and not 0 < self.target <= 1:
+            bad("target", "must be a percentage above 0 and at most 100")
+        if self.target is None and self.dataset in KNOWN:
+            self.target = KNOWN[self.dataset].target
+
+    def with_data(self, record: dict) -> dict:
+        """The set-up with the data's identity (name, md5 sums, classes, normalisation), as a study keeps it."""
+        return {**self.setup(), "dataset": record}
 
     @property
     def storage_url(self) -> str:

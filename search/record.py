@@ -146,6 +146,20 @@ class TrialRecord:
         return (self.values[0], -(self.n_params or 0))
 
 
+def study_dataset(study: optuna.Study) -> str:
+    """The set a study searched (a study made before --dataset existed searched MNIST)."""
+    return (study.user_attrs.get("setup") or {}).get("dataset", {}).get("name", "mnist")
+
+
+def study_target(study: optuna.Study) -> float | None:
+    """The target accuracy a study was given (fraction), or its set's default; None when neither exists."""
+    if "target" in study.user_attrs:
+        return study.user_attrs["target"]
+    from search.data import KNOWN
+
+    return KNOWN[study_dataset(study)].target if study_dataset(study) in KNOWN else None
+
+
 def records(study: optuna.Study, states: Iterable[TrialState] | None = None) -> list[TrialRecord]:
     return [TrialRecord(t) for t in study.get_trials(deepcopy=False, states=tuple(states) if states else None)]
 

@@ -23,7 +23,8 @@ from optuna.trial import TrialState
 from models.budget import analyze
 from models.rules import RULES
 from search.fsio import atomic_write_text
-from search.record import TRAINED, Outcome, best_of, candidates, outcome_counts, pareto_front, trial_frame
+from search.record import (TRAINED, Outcome, best_of, candidates, outcome_counts, pareto_front, study_dataset,
+                           study_target, trial_frame)
 
 
 @dataclass
@@ -39,9 +40,10 @@ class ReportData:
     winner_spec: dict | None = None
     certification: dict | None = None  # best.json, when `best` has run
     max_params: int = RULES.max_params
-    target: float = RULES.target_accuracy
+    target: float | None = RULES.target_accuracy  # None: no target line (another set, none given)
     objective: str = "accuracy"
     front_certified: dict | None = None  # front.json, when `best --front` has run
+    dataset: str = "mnist"
 
 
 def collect(study: optuna.Study, certification: dict | None = None, front: dict | None = None) -> ReportData:
@@ -63,7 +65,7 @@ def collect(study: optuna.Study, certification: dict | None = None, front: dict 
     return ReportData(study.study_name, frame, counts, n_trained, best, sorted(r.number for r in pareto_front(done)),
                       time_spent,
                       winner_layers, winner_spec, certification, setup.get("max_params", RULES.max_params),
-                      RULES.target_accuracy, setup.get("objective", "accuracy"), front)
+                      study_target(study), setup.get("objective", "accuracy"), front, study_dataset(study))
 
 
 # ---- figures ----------------------------------------------------------------------------------
@@ -102,13 +104,15 @@ def fig_params_vs_accuracy(data: ReportData) -> go.Figure:
                                  text=rejected["reason"], hovertemplate="%{x:,} params<br>%{text}<extra></extra>"))
     fig.add_vline(x=data.max_params, line={"color": "red", "dash": "dash"},
                   annotation_text=f"budget {data.max_params:,}", annotation_position="bottom left")
-    fig.add_hline(y=data.target * 100, line={"color": "green", "dash": "dash"},
-                  annotation_text=f"target {data.target:.1%}", annotation_position="top left")
+    if data.target is not None:
+        fig.add_hline(y=data.target * 100, line={"color": "green", "dash": "dash"},
+                      annotation_text=f"target {data.target:.1%}", annotation_position="top left")
     # Parameters on a log axis (the small end is what users come for); accuracy on the range where trials differ:
     # from just under the target, or lower where a quarter of the trained trials lie, to 100%.
     accuracies = pd.concat([trained["val_acc"].dropna() * 100,
                             pd.Series([e["test_acc_mean"] * 100 for e in certified], dtype=float)])
-    low = min(data.target * 100 - 1.0, float(accuracies.quantile(0.25)) - 0.5) if len(accuracies) else 90.0
+    floor = float(accuracies.quantile(0.25)) - 0.5 if len(accuracies) else 90.0
+    low = min(data.target * 100 - 1.0, floor) if data.target is not None else floor
     fig.update_layout(title="Parameters against validation accuracy", xaxis_title="parameters (log scale)",
                       yaxis_title="validation accuracy (%)", xaxis_type="log",
                       yaxis_range=[max(0.0, low), 100.05])
@@ -138,7 +142,8 @@ def fig_learning_curves(data: ReportData) -> go.Figure:
             fig.add_trace(go.Scatter(x=[e["epoch"] for e in history], y=[e["val_acc"] * 100 for e in history],
                                      mode="lines+markers", name=f"trial {row['number']} ({row['outcome']})",
                                      opacity=1.0 if row["outcome"] == "completed" else 0.5))
-    fig.add_hline(y=data.target * 100, line={"color": "green", "dash": "dash"})
+    if data.target is not None:
+        fig.add_hline(y=data.target * 100, line={"color": "green", "dash": "dash"})
     fig.update_layout(title="Learning curves: validation accuracy per epoch", xaxis_title="epoch",
                       yaxis_title="validation accuracy (%)", xaxis={"tickformat": "d", "dtick": 1})
     return fig
@@ -185,7 +190,8 @@ def fig_certification(cert: dict) -> go.Figure:
                                  name=f"seed {run['seed']} train loss", line={"dash": "dot"}, visible="legendonly"))
         fig.add_trace(go.Scatter(x=epochs, y=[e["test_loss"] for e in run["epochs"]], mode="lines", yaxis="y2",
                                  name=f"seed {run['seed']} test loss", visible="legendonly"))
-    fig.add_hline(y=cert["target"] * 100, line={"color": "green", "dash": "dash"})
+    if cert.get("target") is not None:
+        fig.add_hline(y=cert["target"] * 100, line={"color": "green", "dash": "dash"})
     fig.update_layout(title=f"Certification of trial {cert['trial']}: train against test, per seed "
                             "(train figures are on the augmented, label-smoothed batches)",
                       xaxis={"title": "epoch", "tickformat": "d", "dtick": 1},
@@ -330,7 +336,8 @@ def render(data: ReportData, study: optuna.Study) -> str:  # long: the page's se
              ("queued (not run yet)", c.get("queued", 0)), ("time spent", f"{data.time_spent_s / 60:,.1f} min")]
     parts.append(f"<h1>budgetnas study <code>{html.escape(data.study_name)}</code></h1>"
                  f"<p class='muted'>Best: {html.escape(best)}. Budget: fewer than {data.max_params:,} parameters; "
-                 f"target {data.target:.1%}; objective {html.escape(data.objective)}.</p>"
+                 f"{'target ' + format(data.target, '.1%') if data.target is not None else 'no target'}; "
+                 f"objective {html.escape(data.objective)}; data {html.escape(data.dataset)}.</p>"
                  "<div class='cards'>" + "".join(f"<div class='card'>{k}<b>{v}</b></div>" for k, v in cards) + "</div>")
 
     n_trials = len(data.frame)

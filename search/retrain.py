@@ -29,10 +29,11 @@ from models.budget import analyze, check, check_module
 from models.build import build
 from models.rules import RULES
 from models.spec import NetSpec, SpecError
-from search.data import load_mnist
+from search.data import load_data
 from search.engine import TrainConfig, fit, resolve_device, to_device
 from search.fsio import atomic_write, atomic_write_text
-from search.record import Outcome, TrialRecord, best_of, candidates, pareto_front, records, smallest_reaching
+from search.record import (Outcome, TrialRecord, best_of, candidates, pareto_front, records, smallest_reaching,
+                           study_dataset)
 from search.storage import SearchError, provenance
 
 CHECKPOINT_FORMAT = "budgetnas-checkpoint-1"
@@ -97,6 +98,8 @@ class Certifiable:
     val_acc: float | None = None  # a stored trial's validation accuracy
     trial: int | None = None
     study: str | None = None
+    dataset: str = "mnist"  # one of search.data.DATASETS
+    classes: int = 10  # logits the network must output: its set's classes
 
     def build(self) -> torch.nn.Module:
         if self.spec is not None:
@@ -109,11 +112,11 @@ class Certifiable:
         return f"trial {self.trial}" if self.trial is not None else self.name
 
 
-def from_trial(study_name: str, record: TrialRecord) -> Certifiable:
-    return Certifiable(f"{study_name}-trial-{record.number}", {"kind": "trial", "study": study_name,
-                                                               "trial": record.number},
+def from_trial(study: optuna.Study, record: TrialRecord) -> Certifiable:
+    name = study.study_name
+    return Certifiable(f"{name}-trial-{record.number}", {"kind": "trial", "study": name, "trial": record.number},
                        record.config, spec=record.spec, val_acc=record.values[0] if record.values else None,
-                       trial=record.number, study=study_name)
+                       trial=record.number, study=name, dataset=study_dataset(study))
 
 
 def with_recipe(c: Certifiable, **overrides) -> Certifiable:
@@ -130,7 +133,8 @@ def judge(c: Certifiable, max_params: int = RULES.max_params) -> tuple[list[dict
     """The rules that can be judged without training: (rows, parameters, fully connected reasons). Rows hold the
     exercise's parameter, fully connected and epoch rules, then `max_params` when it is not the exercise's."""
     module = c.build()
-    module_verdict = check_module(module, max_params=max_params)
+    module_verdict = check_module(module, max_params=max_params,
+                                  num_classes=c.spec.num_classes if c.spec is not None else c.classes)
     spec_verdict = check(c.spec, max_params) if c.spec is not None else module_verdict
     n_params = max(spec_verdict.n_params, module_verdict.n_params)
     fully_connected = [r for r in (*spec_verdict.reasons, *module_verdict.reasons) if "fully connected" in r]
@@ -197,22 +201,24 @@ def _first_epoch_reaching(curve: list[dict], target: float) -> int | None:
 
 
 def certify(c: Certifiable, *, seeds: int = 3, data_dir: str | None = None, device: str = "auto",
-            results_dir: str = "results", target: float = RULES.target_accuracy, max_params: int = RULES.max_params,
-            log=print, progress: bool | None = None) -> dict:
-    """Train `c` with seeds 0..seeds-1 on all 60,000 training images, test after every epoch, write the certificate
-    and one checkpoint per seed under <results>/certified/<name>/, and return the certificate."""
+            results_dir: str = "results", target: float | None = RULES.target_accuracy,
+            max_params: int = RULES.max_params, log=print, progress: bool | None = None) -> dict:
+    """Train `c` with seeds 0..seeds-1 on all training images of its set, test after every epoch, write the
+    certificate and one checkpoint per seed under <results>/certified/<name>/, and return the certificate.
+    `target` None (another set, no target given): the accuracy is reported, not judged."""
     out_dir = certificate_dir(results_dir, c.name)
     rows, n_params, _ = judge(c, max_params)
     dev = resolve_device(device)
-    mnist = load_mnist(data_dir, with_test=True, full_train=True)
-    data = (*to_device(mnist.train, dev), *to_device(mnist.test, dev))
+    data_set = load_data(data_dir, dataset=c.dataset, with_test=True, full_train=True)
+    data = (*to_device(data_set.train, dev, data_set.stats), *to_device(data_set.test, dev, data_set.stats))
     analysis = analyze(c.spec) if c.spec is not None else None
     runs = []
     start = time.perf_counter()
     for seed in range(seeds):
         seed_cfg = replace(c.cfg, seed=seed)
         model = c.build()
-        log(f"seed {seed}: training {c.label()} ({n_params:,} params) on 60,000 images for {c.cfg.epochs} epochs")
+        log(f"seed {seed}: training {c.label()} ({n_params:,} params) on {len(data_set.train):,} {data_set.name} "
+            f"images for {c.cfg.epochs} epochs")
         # A module of one's own trains as it is, through torch's optimizer (the whole-step path rebuilds a net's
         # step and expects budgetnas's layers).
         history = fit(model, None, None, seed_cfg, device=dev, data_on_device=data, progress=progress,
@@ -224,13 +230,18 @@ def certify(c: Certifiable, *, seeds: int = 3, data_dir: str | None = None, devi
         ckpt = save_checkpoint(out_dir / f"seed{seed}.pt", model, c, seed_cfg, final)
         runs.append({"seed": seed, "status": history.status, "precision": history.precision, "shards": history.shards,
                      "final_test_acc": final, "epochs": curve,
-                     "first_epoch_reaching_target": _first_epoch_reaching(curve, target), "checkpoint": str(ckpt)})
+                     "first_epoch_reaching_target": _first_epoch_reaching(curve, target) if target else None,
+                     "checkpoint": str(ckpt)})
     finals = [r["final_test_acc"] for r in runs]
     mean = statistics.fmean(finals)
     std = statistics.stdev(finals) if len(finals) > 1 else 0.0
     figure = f"{mean:.2%} +- {std:.2%}" if seeds > 1 else f"{mean:.2%} (one seed: no spread)"
-    rules = rows[:3] + [{"rule": RULES.accuracy_rule(seeds, target), "figure": figure,
-                         "pass": mean >= target}] + rows[3:]
+    if target is None:  # judged only against a target someone gave
+        accuracy = {"rule": f"final-epoch test accuracy (mean of {seeds}; no target for {data_set.name}: not judged)",
+                    "figure": figure, "pass": True}
+    else:
+        accuracy = {"rule": RULES.accuracy_rule(seeds, target), "figure": figure, "pass": mean >= target}
+    rules = rows[:3] + [accuracy] + rows[3:]
     result = {
         "name": c.name, "source": c.source, "study": c.study, "trial": c.trial,
         "spec": json.loads(c.spec.to_json()) if c.spec is not None else None,
@@ -239,7 +250,9 @@ def certify(c: Certifiable, *, seeds: int = 3, data_dir: str | None = None, devi
         "macs": analysis.macs if analysis else None,
         "config": c.cfg.to_dict(), "val_acc": c.val_acc,
         "seeds": runs, "final_test_acc_mean": mean, "final_test_acc_std": std,
-        "target": target, "max_params": max_params, "seeds_reaching_target": sum(f >= target for f in finals),
+        "dataset": data_set.record(),
+        "target": target, "max_params": max_params,
+        "seeds_reaching_target": sum(f >= target for f in finals) if target else None,
         "rules": rules, "certified": all(r["pass"] for r in rules),
         "device": str(dev), "wall_s": time.perf_counter() - start,
         "versions": {**provenance(), "platform": platform.platform()},

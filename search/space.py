@@ -44,7 +44,7 @@ def _width(trial: optuna.trial.BaseTrial, name: str) -> int:
 
 
 def suggest(trial: optuna.trial.BaseTrial, epochs: int = 20, seed: int = 0, param_target: bool = False,
-            max_params: int = RULES.max_params) -> tuple[NetSpec, TrainConfig]:
+            max_params: int = RULES.max_params, num_classes: int = 10) -> tuple[NetSpec, TrainConfig]:
     n_blocks = trial.suggest_int("n_blocks", 1, MAX_BLOCKS)
     batchnorm = trial.suggest_categorical("batchnorm", [True, False])
     dropout = trial.suggest_float("dropout", *DROPOUT)
@@ -71,7 +71,7 @@ def suggest(trial: optuna.trial.BaseTrial, epochs: int = 20, seed: int = 0, para
         augment=trial.suggest_float("augment", *AUGMENT),
         seed=seed,
     )
-    spec = NetSpec(tuple(blocks), head)
+    spec = NetSpec(tuple(blocks), head, num_classes=num_classes)
     if param_target:
         spec = fit_widths(spec, trial.suggest_int("param_target", MIN_TARGET, max_params - 1, log=True))
     return spec, cfg

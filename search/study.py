@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 from models.budget import count_params
 from models.presets import PRESETS
 from search import space
-from search.data import load_mnist
+from search.data import load_data
 from search.engine import TrainConfig, resolve_device, to_device
 from search.engine.runtime import set_cpu_threads, use_bf16
 from search.fsio import atomic_write_text
@@ -69,7 +69,11 @@ def _retries_first(study: optuna.Study) -> None:
     study._pop_waiting_trial_id = pop
 
 
-def open_study(opts: SearchOptions) -> optuna.Study:
+def open_study(opts: SearchOptions, data_record: dict | None = None) -> optuna.Study:
+    """Open or create the study. `data_record`: the data's identity (Data.record()), part of the set-up; loaded
+    here when not given."""
+    if data_record is None:
+        data_record = load_data(opts.data_dir, dataset=opts.dataset).record()
     smallest = space.smallest_params(opts.min_rf)
     if opts.max_params <= smallest:  # every candidate would be refused, after --max-rejections of them
         raise SearchError(f"--max-params={opts.max_params:,}: the smallest network of the search space with a receptive "
@@ -77,7 +81,8 @@ def open_study(opts: SearchOptions) -> optuna.Study:
                           f"above {smallest:,}")
     storage = open_storage(opts.storage_url, opts.heartbeat)
     # The precision the engine trains in here joins the set-up: bf16 and fp32 results are not comparable.
-    setup = {**opts.setup(), "precision": "bf16" if use_bf16(resolve_device(opts.device), "auto") else "fp32"}
+    setup = {**opts.with_data(data_record),
+             "precision": "bf16" if use_bf16(resolve_device(opts.device), "auto") else "fp32"}
     check_setup(storage, opts.study, setup)
     directions = ["maximize"] if opts.objective == "accuracy" else ["maximize", "minimize"]
     study = optuna.create_study(study_name=opts.study, storage=storage, directions=directions,
@@ -89,6 +94,7 @@ def open_study(opts: SearchOptions) -> optuna.Study:
     if "setup" not in study.user_attrs:
         study.set_user_attr("setup", setup)
         study.set_user_attr("provenance", provenance())
+        study.set_user_attr("target", opts.target)  # None: no target line in the report
         if opts.warm_start:
             presets = PRESETS.items()
             if opts.objective == "pareto":  # smallest first: each bigger preset then meets its smaller rivals at the rungs
@@ -143,7 +149,8 @@ def run_search(opts: SearchOptions, log: Callable[[str], None] = print, progress
                on_trial_end: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> SearchResult:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     device = resolve_device(opts.device)
-    study = open_study(opts)
+    data_set = load_data(opts.data_dir, dataset=opts.dataset)
+    study = open_study(opts, data_set.record())
     claim_results_folder(opts.results_dir, opts.study, opts.storage_url)
     csv_path = trials_csv_path(opts.results_dir, opts.study)
     start = time.perf_counter()
@@ -155,10 +162,9 @@ def run_search(opts: SearchOptions, log: Callable[[str], None] = print, progress
 
     if device.type == "cpu":
         set_cpu_threads(opts.threads, opts.jobs)
-    mnist = load_mnist(opts.data_dir)
-    train = mnist.train.head(opts.subset) if opts.subset else mnist.train
-    data = (*to_device(train, device), *to_device(mnist.val, device))
-    ctx = TrialContext(opts, data, device, log, progress=progress)
+    train = data_set.train.head(opts.subset) if opts.subset else data_set.train
+    data = (*to_device(train, device, data_set.stats), *to_device(data_set.val, device, data_set.stats))
+    ctx = TrialContext(opts, data, device, log, progress=progress, classes=data_set.classes)
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         write_trials_csv(study, csv_path)

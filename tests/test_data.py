@@ -76,7 +76,7 @@ def test_data_dir_may_name_the_root_the_mnist_folder_or_the_raw_folder(data_root
 
     for folder in (data_root, data_root / "MNIST", data_root / "MNIST" / "raw"):
         out = CliRunner().invoke(app, ["data", "--data-dir", str(folder)])
-        assert out.exit_code == 0 and "all four files check out" in out.output, (folder, out.output)
+        assert out.exit_code == 0 and "all four files match the published md5 sums" in out.output, (folder, out.output)
 
 
 def test_md5_is_read_once_per_file_and_again_when_the_file_changes(mnist_copy, tmp_path, monkeypatch):

@@ -15,9 +15,12 @@ from search.engine.config import TrainConfig
 from search.engine.runtime import autocast, capture_guard
 
 
-def to_device(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images -> normalised float32 (N, 1, 28, 28) on the device, once."""
-    x = split.images.to(device).float().div_(255).sub_(MEAN).div_(STD).unsqueeze(1)
+def to_device(split: Split, device: torch.device, stats: tuple[float, float] = (MEAN, STD)
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images -> float32 (N, 1, 28, 28) on the device, once, normalised by the set's (mean, std) of pixels
+    scaled to [0, 1] (MNIST's by default)."""
+    mean, std = stats
+    x = split.images.to(device).float().div_(255).sub_(mean).div_(std).unsqueeze(1)
     return x, split.labels.to(device)
 
 
@@ -38,7 +41,9 @@ def random_affine(n: int, strength: float, generator: torch.Generator) -> torch.
 def apply_affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Warp every image of the batch by its matrix with one grid_sample; the border is the digit's background."""
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    background = -MEAN / STD  # a normalised black pixel
+    # A normalised black pixel, whatever the set's statistics: the batch's darkest (28x28 digits, clothes and
+    # characters all have black borders).
+    background = x.amin()
     return F.grid_sample(x - background, grid, align_corners=False, padding_mode="zeros") + background
 
 
