@@ -222,26 +222,42 @@ def search(  # long: one line per option, and the refusals of bad input before a
     except (SearchError, DataError, ValueError) as exc:
         raise fail(str(exc)) from None
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        signal.signal(signal.SIGTERM, _on_sigterm)  # inside the try: a SIGTERM at any point after this is handled
         result = run_search(opts, log=lambda line: console.print(line, highlight=False, markup=False),
                             on_trial_end=lambda study_obj, trial: print_trial_line(study_obj, trial, opts))
     except (SearchError, DataError) as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt as exc:
-        from search.storage import load_existing_study, requeue_interrupted
-
-        n = requeue_interrupted(load_existing_study(opts.study, opts.storage_url))
-        sig = "SIGTERM" if isinstance(exc, Interrupted) else "Ctrl-C"
-        err.print(f"{sig}: search stopped; the running trial is stored as interrupted"
-                  f"{' and queued again' if n else ''}. Run the same command to continue to {trials} trials.")
-        raise typer.Exit(143 if isinstance(exc, Interrupted) else 130) from None
+        # The clean-up below runs once: a second signal now would interrupt it half-way.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise typer.Exit(_stop_cleanly(opts, isinstance(exc, Interrupted))) from None
     print_leaderboard(result, opts)
     if result.stop_reason:
         raise fail(result.stop_reason, code=1)
     failed_all = nothing_trained_well(result.study)
     if failed_all:
         raise fail(failed_all, code=1)
+
+
+def _stop_cleanly(opts, sigterm: bool) -> int:
+    """After Ctrl-C or SIGTERM: queue the interrupted trial again, rewrite trials.csv, say so in one line; the exit
+    code (130 or 143). A signal before the study existed leaves nothing to tidy."""
+    from search.storage import SearchError, load_existing_study, requeue_interrupted
+    from search.study import trials_csv_path, write_trials_csv
+
+    n = 0
+    try:
+        study = load_existing_study(opts.study, opts.storage_url)
+        n = requeue_interrupted(study)
+        write_trials_csv(study, trials_csv_path(opts.results_dir, opts.study))
+    except SearchError:  # interrupted before the study was created
+        pass
+    sig = "SIGTERM" if sigterm else "Ctrl-C"
+    err.print(f"{sig}: search stopped; the running trial is stored as interrupted{' and queued again' if n else ''}. "
+              f"Run the same command to continue to {opts.trials} trials.")
+    return 143 if sigterm else 130
 
 
 def _refuse_sqlite_across_threads(opts) -> None:

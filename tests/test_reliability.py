@@ -247,3 +247,31 @@ def test_a_search_whose_every_trial_failed_exits_1_and_says_why(tmp_path, data_r
     assert out.exit_code == 1, out.output
     assert "every one of the study's 2 trained trials failed" in out.output
     assert "RuntimeError: every trial blows up (test)" in out.output
+
+
+@pytest.mark.parametrize("delay_s", [0.3, 2.0, 4.0, 6.0, 8.0, 11.0])
+def test_sigterm_at_any_point_is_one_line_and_the_study_stays_whole(tmp_path, data_root, delay_s):
+    """SIGTERM at points spread over a short search (start-up, data, study creation, training, between trials):
+    exit 143 (or killed before the handler exists, or finished), one line and no traceback, no trial left running,
+    and the same command then completes the study to N."""
+    args, proc = start_search(tmp_path, data_root, "sig", trials=3, epochs=1)
+    time.sleep(delay_s)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read()
+    code = proc.wait(timeout=120)
+    assert code in (143, -signal.SIGTERM, 0), out
+    assert "Traceback" not in out and "failed with" not in out, out
+    db = tmp_path / "sig.db"
+    if db.exists() and "sig" in optuna_study_names(db):
+        study = load_existing_study("sig", f"sqlite:///{db}")
+        assert not [t for t in study.get_trials() if t.state == TrialState.RUNNING] or code == 143
+    again = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    study = load_existing_study("sig", f"sqlite:///{db}")
+    assert count_trained(study) == 3 and not [t for t in study.get_trials() if t.state == TrialState.RUNNING]
+
+
+def optuna_study_names(db):
+    import optuna
+
+    return [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{db}")]
