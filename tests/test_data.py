@@ -23,7 +23,7 @@ def test_test_set_only_when_asked_for(data_root):
 
 def test_env_var_gives_the_root(monkeypatch, data_root):
     monkeypatch.setenv("BUDGETNAS_DATA", str(data_root))
-    assert load_mnist().root == data_root
+    assert load_mnist().root == data_root / "MNIST" / "raw"  # the folder holding the four files
 
 
 def test_truncated_file_is_named(mnist_copy):
