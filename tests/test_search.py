@@ -54,7 +54,7 @@ def test_search_stores_trials_rejects_over_budget_and_resumes(tmp_path, data_roo
     csv = pd.read_csv(tmp_path / "s" / "trials.csv")
     assert list(csv["number"]) == [t.number for t in trials]
     assert list(csv["outcome"]) == [TrialRecord(t).outcome.value for t in trials]
-    assert list(csv["n_params"]) == [t.user_attrs.get("n_params") for t in trials]
+    assert [None if pd.isna(v) else v for v in csv["n_params"]] == [t.user_attrs.get("n_params") for t in trials]
 
     # The same options again: the study already has 4 trained trials, nothing more is trained.
     again = run_search(opts, log=quiet)
