@@ -304,8 +304,10 @@ def _refuse_epochs(epochs: Optional[int]) -> None:
         raise typer.Exit(1)
 
 
-def _certify_all(chosen, *, seeds, data_dir, device, results_dir, max_params, target, reuse=False):
-    """Certify each network (refusing, before any training, one that a rule already fails); [(certificate, reused)]."""
+def _certify_all(chosen, *, seeds, data_dir, device, results_dir, max_params, target, reuse=False,
+                 after_each=None) -> list[tuple[dict, bool]]:
+    """Certify each network (refusing, before any training, one that a rule already fails); [(certificate, reused)].
+    `after_each(certs so far)` runs after each certification."""
     from search.console import print_verdict
     from search.data import DataError
     from search.retrain import certify, refusal_before_training, reusable_certificate
@@ -333,8 +335,9 @@ def _certify_all(chosen, *, seeds, data_dir, device, results_dir, max_params, ta
             raise fail(str(exc)) from None
         print_verdict(result, seeds)
         certs.append((result, False))
-        yield certs
-    yield certs
+        if after_each:
+            after_each(certs)
+    return certs
 
 
 def _check_run_inputs(device: "DeviceName", data_dir: Optional[str], dataset: str = "mnist") -> None:
@@ -392,11 +395,11 @@ def best(
         console.print(f"note: trial {records[0].number} was searched with {chosen[0].cfg.epochs} epochs and is "
                       f"retrained with as many; --epochs {RULES.max_epochs} certifies it with the exercise's full "
                       "allowance", highlight=False)
-    certs: list = []
-    for certs in _certify_all(chosen, seeds=seeds, data_dir=data_dir, device=device.value, results_dir=results_dir,
-                              max_params=max_params, target=study_target(study_obj), reuse=front):
-        if front and certs:  # written after each trial: an interrupted --front keeps what it certified
-            front_summary(study, floor / 100, seeds, certs, results_dir)
+    # With --front, front.json is written after each trial: an interrupted --front keeps what it certified.
+    certs = _certify_all(chosen, seeds=seeds, data_dir=data_dir, device=device.value, results_dir=results_dir,
+                         max_params=max_params, target=study_target(study_obj), reuse=front,
+                         after_each=(lambda done: front_summary(study, floor / 100, seeds, done, results_dir))
+                         if front else None)
     if front:
         summary = front_summary(study, floor / 100, seeds, certs, results_dir)
         print_front(summary)
@@ -488,11 +491,9 @@ def certify(
                         schedule=schedule and schedule.value, augment=augment, label_smoothing=label_smoothing)
     except (SearchError, ValueError) as exc:
         raise fail(str(exc)) from None
-    certs: list = []
     judged = target_accuracy / 100 if target_accuracy is not None else study_given
-    for certs in _certify_all([c], seeds=seeds, data_dir=data_dir, device=device.value, results_dir=results_dir,
-                              max_params=max_params, target=judged):
-        pass
+    certs = _certify_all([c], seeds=seeds, data_dir=data_dir, device=device.value, results_dir=results_dir,
+                         max_params=max_params, target=judged)
     from search.retrain import certificate_dir
 
     console.print(f"written: {certificate_dir(results_dir, c.name) / 'certificate.json'} and one checkpoint per seed",

@@ -125,9 +125,6 @@ class Data:
                 "mean": round(self.mean, 6), "std": round(self.std, 6)}
 
 
-MNIST = Data  # the name before other sets were read
-
-
 def resolve_root(data_dir: str | os.PathLike | None = None) -> Path:
     return Path(data_dir or os.environ.get(ENV_VAR) or DEFAULT_ROOT).expanduser()
 
@@ -187,18 +184,10 @@ def _remember(path: Path, size: int, mtime_ns: int, md5: str) -> None:
         pass  # a cache: without it, the next command checks the md5 again
 
 
-def _md5(path: Path) -> str:
-    """md5 of the file's content, uncompressed: a .gz file is read through gzip."""
+def _md5(path: Path, as_stored: bool = False) -> str:
+    """md5 of the file's content, uncompressed (a .gz file read through gzip), or of its bytes as stored."""
     digest = hashlib.md5()
-    with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _gz_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as f:
+    with (gzip.open(path, "rb") if path.suffix == ".gz" and not as_stored else path.open("rb")) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -250,7 +239,7 @@ def _check_file(path: Path, actual: int, mtime_ns: int, dataset: str) -> str:
     if known is not None:
         expected = known.md5.get(name)
         if expected is None and path.suffix == ".gz" and remembered is None:  # only .gz sums published (KMNIST)
-            expected_gz, got_gz = known.gz_md5.get(name), _gz_md5(path)
+            expected_gz, got_gz = known.gz_md5.get(name), _md5(path, as_stored=True)
             if expected_gz and got_gz != expected_gz:
                 raise DataError(f"{path}: md5 {got_gz} does not match the published {expected_gz}: not {known.title}'s"
                                 " file, or corrupted")
@@ -364,9 +353,7 @@ def load_data(data_dir: str | os.PathLike | None = None, *, dataset: str = "mnis
     return Data(train, val, test, folder, dataset, md5, classes, mean, std)
 
 
-def load_mnist(data_dir: str | os.PathLike | None = None, *, with_test: bool = False, full_train: bool = False,
-               dataset: str = "mnist") -> Data:
-    return load_data(data_dir, dataset=dataset, with_test=with_test, full_train=full_train)
+load_mnist = load_data  # the name from before other sets were read; MNIST unless dataset= says otherwise
 
 
 def check_data_root(data_dir: str | os.PathLike | None = None, dataset: str = "mnist") -> Path:

@@ -75,6 +75,11 @@ def test_augmentation_moves_pixels_but_keeps_shape_and_background():
     assert not torch.allclose(out, x)
     assert torch.allclose(out[:, :, 0, 0], x[:, :, 0, 0], atol=1e-5)  # corners stay background
     assert torch.equal(augment_batch(x, 0.0, torch.Generator().manual_seed(0)).round(decimals=4), x.round(decimals=4))
+    # Another set's normalised black (Fashion-MNIST's is -0.81): the border stays that set's background too.
+    other = torch.where(x == x[0, 0, 0, 0], torch.tensor(-0.2860 / 0.3530), x)
+    out = augment_batch(other, 1.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(out[:, :, 0, 0], other[:, :, 0, 0], atol=1e-5)
+    assert out.min() >= other.min() - 1e-5  # nothing darker than black comes in from outside
 
 
 def test_config_round_trips():

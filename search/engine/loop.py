@@ -125,7 +125,8 @@ def planned_engine(cfg: TrainConfig, device: torch.device, macs_per_image: int, 
     """The precision and CPU shard count `fit` will train with here, known before training: both change how a net
     trains (bf16 rounding; BatchNorm statistics per shard), so a stored result is reused only where they match."""
     bf16 = runtime.use_bf16(device, precision)
-    whole_step = cfg.optimizer == "sgd" and n_train >= cfg.batch_size
+    _, whole_step = _step_path(cfg, device, n_train, cuda_graphs=True, compile_model=False, whole_step=None,
+                               shards=None)
     shards = cpu_shards(cfg.batch_size, macs_per_image) if whole_step and device.type == "cpu" else 1
     return {"precision": "bf16" if bf16 else "fp32", "shards": shards}
 
