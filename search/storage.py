@@ -267,7 +267,9 @@ def requeue_interrupted(study: optuna.Study) -> int:
     retried = {r.retry_of for r in recs} | {r.trial.system_attrs.get("failed_trial") for r in recs}
     queued = 0
     for r in recs:
-        if r.stored_outcome == Outcome.INTERRUPTED and r.number not in retried:
+        # Only a complete candidate is worth running again: one stopped while its parameters were still being
+        # drawn holds a partial draw, which the sampler would finish differently.
+        if r.stored_outcome == Outcome.INTERRUPTED and r.has_spec and r.number not in retried:
             study.enqueue_trial(r.params, user_attrs={"retry_of": r.number})
             queued += 1
     return queued

@@ -120,7 +120,8 @@ def cli(*args, env=None):
 def test_interrupted_search_resumes_to_n_and_not_more(tmp_path, data_root):
     # Three trained trials: trial 0, the interrupted trial 1's retry (run first, ahead of the presets still queued),
     # and the next preset.
-    args = cli("--trials", "3", "--epochs", "2", "--subset", "1000", "--study", "i", "--results-dir", str(tmp_path),
+    # 3 epochs on 3,000 images: trial 1 is still training a second after it starts (on 1,000 it could be done).
+    args = cli("--trials", "3", "--epochs", "3", "--subset", "3000", "--study", "i", "--results-dir", str(tmp_path),
                "--data-dir", str(data_root), "--device", "cpu")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # A shell running us in the background may have set SIGINT to "ignore", which children inherit; a terminal's

@@ -149,10 +149,17 @@ class WholeStep:
         restore = torch.get_num_threads()
         self.pool = ThreadPoolExecutor(shards, thread_name_prefix="budgetnas-shard", initializer=init)
         started = [self.pool.submit(ready.wait) for _ in range(shards)]
-        ready.wait()
-        for f in started:
-            f.result()
-        torch.set_num_threads(restore)
+        try:
+            ready.wait()
+            for f in started:
+                f.result()
+        except BaseException:  # Ctrl-C or SIGTERM here: free the workers at the barrier, or exit would wait forever
+            ready.abort()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+            raise
+        finally:
+            torch.set_num_threads(restore)
 
     def close(self) -> None:
         """Stop the shard workers and give the model's dropout back torch's default generator."""
