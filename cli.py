@@ -183,6 +183,12 @@ def search(  # long: one line per option, and the refusals of bad input before a
     data_dir: DataDir = None,
     dataset: Dataset = "mnist",
     target: Target = None,
+    floor: Annotated[Optional[float], typer.Option(callback=bounded(0, 100, " percent"), help=(
+        "Pareto: a trial that cannot reach this validation accuracy (percent) stops from epoch 3, judged by the "
+        "largest gain the study's trials at the floor made after that epoch [default: the target minus 0.4; none "
+        "without a target]."))] = None,
+    descend: Annotated[bool, typer.Option(help="Pareto: queue shrunk copies (0.8, then 0.9 of the parameters) of the "
+                                          "smallest trial at the target and at the floor, every other trial.")] = True,
     warm_start: Annotated[bool, typer.Option(help="Enqueue the presets as the first trials.")] = True,
     repair: Annotated[bool, typer.Option(help="Shrink over-budget candidates until they fit, instead of "
                                          "rejecting them.")] = False,
@@ -211,6 +217,7 @@ def search(  # long: one line per option, and the refusals of bad input before a
                              max_params=max_params, objective=objective.value, sampler=sampler.value,
                              pruner=pruner.value, seed=seed, device=device.value, jobs=jobs, subset=subset,
                              data_dir=data_dir, dataset=dataset, target=None if target is None else target / 100,
+                             floor=None if floor is None else floor / 100, descend=descend,
                              warm_start=warm_start, repair=repair, max_rejections=max_rejections, min_rf=min_rf,
                              threads=threads, heartbeat=beat, worker=worker_id or this_worker())
         resolve_device(opts.device)

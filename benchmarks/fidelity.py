@@ -1,12 +1,15 @@
 """How well does a trial's accuracy at an early epoch predict its accuracy at the last one?
 
     python benchmarks/fidelity.py [--nets 30] [--epochs 20] [--subset N] [--val N] [--seed 0] [--device auto]
+                                  [--floor 99.0]
 
 Draws `--nets` networks from the search space (random sampler, widths fitted to parameter targets spread from
 1,000 to 20,000 like a pareto search), trains each to the last epoch without pruning, and prints for every candidate
 rung (epoch) the Spearman rank correlation between validation accuracy at that epoch and at the last, for nets
 under and over 8,000 parameters, and all together. A rung is worth judging at when the correlation there is high:
-pruning at a rung with a low correlation throws away nets that would have ended well.
+pruning at a rung with a low correlation throws away nets that would have ended well. Then the pareto search's floor
+stop replayed on the same curves: how many nets it stops at each epoch, and how many of them ended at or above the
+floor (wrong stops).
 """
 
 import argparse
@@ -25,6 +28,7 @@ from models.build import build  # noqa: E402
 from search.data import load_mnist  # noqa: E402
 from search.engine import fit, resolve_device, to_device  # noqa: E402
 from search.engine.runtime import set_cpu_threads  # noqa: E402
+from search.pruning import FLOOR_FROM_EPOCH, FLOOR_MARGIN, FLOOR_REFERENCES  # noqa: E402
 from search.space import suggest  # noqa: E402
 
 SMALL = 8_000  # parameters: the split the issue asks about
@@ -62,6 +66,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--floor", type=float, default=99.0, help="percent: the floor stop replayed at this floor")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     device = resolve_device(args.device)
@@ -94,6 +99,29 @@ def main() -> None:
         rho = {k: spearman(list(g[col]), list(g[last])) for k, g in groups.items()}
         print(f"{epoch:>5} {rho['small']:>9.2f} {rho['large']:>12.2f} {rho['all']:>6.2f}")
     print(f"nets: {len(groups['small'])} under 8,000 parameters, {len(groups['large'])} at or over")
+    floor_stop_check(frame, args.epochs, args.floor / 100)
+
+
+def floor_stop_check(frame: pd.DataFrame, epochs: int, floor: float) -> None:
+    """The pareto search's floor stop (search/pruning.py) replayed on these curves: at each epoch it may judge, every
+    net is judged with the other nets that ended at or above the floor as its references (the study it would sit in),
+    in the order the search would meet them. A net stopped that ended at or above the floor is a wrong stop."""
+    finals = frame[f"e{epochs}"]
+    print(f"\nfloor stop at {floor:.2%} (margin {FLOOR_MARGIN:.1%}, from epoch {FLOOR_FROM_EPOCH}; references: the "
+          f"other nets that ended at or above it, {int((finals >= floor).sum())} here):")
+    print(f"{'epoch':>5} {'stopped':>8} {'wrongly':>8} {'epochs saved':>13}")
+    for epoch in range(FLOOR_FROM_EPOCH, epochs):
+        stopped = wrong = 0
+        for i, row in frame.iterrows():
+            refs = frame[(frame.index != i) & (finals >= floor)]
+            if len(refs) < FLOOR_REFERENCES:
+                continue
+            best = lambda r: max(r[f"e{k}"] for k in range(1, epoch + 1))  # noqa: E731
+            gain = max(r[f"e{epochs}"] - best(r) for _, r in refs.iterrows())
+            if best(row) + gain + FLOOR_MARGIN < floor:
+                stopped += 1
+                wrong += row[f"e{epochs}"] >= floor
+        print(f"{epoch:>5} {stopped:>8} {wrong:>8} {stopped * (epochs - epoch):>13}")
 
 
 if __name__ == "__main__":

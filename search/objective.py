@@ -30,7 +30,7 @@ from models.spec import Conv, ConvBlock, NetSpec, SpecError, Transition
 from search import space
 from search.engine import TrainConfig, fit, planned_engine
 from search.options import SearchOptions
-from search.pruning import pareto_should_prune, rungs
+from search.pruning import floor_stop_reason, pareto_should_prune, rungs
 from search.record import Outcome, TrialWriter, count_trained, records
 from search.storage import claim_conflict
 
@@ -216,12 +216,15 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
     trial, opts, cfg = w.trial, ctx.opts, c.cfg
     pareto = opts.objective == "pareto"
     ctx.log(f"trial {trial.number}: training {c.n_params:,} params, RF {w.get('receptive_field')} px, "
-            f"{cfg.optimizer} lr {cfg.lr:.3g} {cfg.schedule} bs {cfg.batch_size} "
-            f"[trained trial {count_trained(trial.study)} of {opts.trials}]")
+            f"{cfg.optimizer} lr {cfg.lr:.3g} {cfg.schedule} bs {cfg.batch_size}"
+            + (f", trial {source} shrunk to {trial.user_attrs.get('shrink')} of its parameters"
+               if (source := trial.user_attrs.get("shrunk_from")) is not None else "")
+            + f" [trained trial {count_trained(trial.study)} of {opts.trials}]")
     fault = opts.faults.get(trial.number)  # a test's injected failure
     if fault == "nan":
         cfg = TrainConfig(**{**cfg.to_dict(), "lr": 1e6, "optimizer": "sgd"})
     so_far: list[dict] = []
+    stop_reason: list[str] = []  # why the floor stop ended it (the default reason otherwise)
 
     def on_epoch(record) -> bool:
         if fault == "exception":
@@ -237,8 +240,14 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
         if last or record.epoch not in ctx.pareto_rungs:
             return False
         states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-        return pareto_should_prune(trial.study.get_trials(deepcopy=False, states=states), trial.number,
-                                   c.n_params, record.epoch, record.val_acc,
+        trials = trial.study.get_trials(deepcopy=False, states=states)
+        if opts.floor is not None:
+            why = floor_stop_reason(trials, trial.number, record.epoch, max(e["val_acc"] for e in so_far),
+                                    opts.floor, cfg.epochs)
+            if why:
+                stop_reason.append(why)
+                return True
+        return pareto_should_prune(trials, trial.number, c.n_params, record.epoch, record.val_acc,
                                    images_seen=record.epoch * len(ctx.data[1]))
 
     start = time.perf_counter()
@@ -261,7 +270,8 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
         w.close(Outcome.FAILED, f"loss became NaN or infinite in epoch {len(history.epochs) + 1}")
         raise TrialFailed(w.get("reason"))
     if history.status == "stopped":
-        w.close(Outcome.PRUNED, f"pruned after epoch {len(history.epochs)} at {history.final_val_acc:.2%}")
+        w.close(Outcome.PRUNED, stop_reason[0] if stop_reason else
+                f"pruned after epoch {len(history.epochs)} at {history.final_val_acc:.2%}")
         raise optuna.TrialPruned(w.get("reason"))
     w.close(Outcome.COMPLETED, None)
     return (history.final_val_acc, float(c.n_params)) if pareto else history.final_val_acc

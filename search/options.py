@@ -15,6 +15,9 @@ MAX_TRIALS = 100_000
 MAX_BUDGET = 10_000_000  # parameters; the space's largest network has about 200,000
 MAX_SEED = 2**31 - 1  # what numpy and torch seeds take
 OBJECTIVES = ("accuracy", "pareto")
+# fraction: a pareto search's default floor lies this far under the target (99.0% for MNIST's 99.4%), the default
+# of `best --front --floor` too
+FLOOR_BELOW_TARGET = 0.004
 MIN_RF = 12  # pixels: by default candidates that see less of the 28-px digit are not trained (docs/search.md)
 
 
@@ -36,6 +39,8 @@ class SearchOptions:
     data_dir: str | None = None
     dataset: str = "mnist"  # one of search.data.DATASETS
     target: float | None = None  # accuracy (fraction) the report draws and `best --target` means; default: the set's
+    floor: float | None = None  # pareto: accuracy (fraction) a trial must be able to reach to go on; default target - 0.4
+    descend: bool = True  # pareto: queue shrunk copies of the smallest trials at the target and the floor
     warm_start: bool = True
     repair: bool = False
     min_rf: int = MIN_RF  # receptive field in pixels: candidates seeing less of the digit are not trained
@@ -82,6 +87,19 @@ class SearchOptions:
             bad("target", "must be a percentage above 0 and at most 100")
         if self.target is None and self.dataset in KNOWN:
             self.target = KNOWN[self.dataset].target
+        if self.floor is not None and not 0 < self.floor <= 1:
+            bad("floor", "must be a percentage above 0 and at most 100")
+        if self.floor is not None and self.objective != "pareto":
+            bad("floor", "applies to --objective pareto only (the accuracy search prunes with Optuna's pruners)")
+        if self.floor is None and self.objective == "pareto" and self.target is not None:
+            self.floor = round(self.target - FLOOR_BELOW_TARGET, 6)
+
+    @property
+    def descent_levels(self) -> list[float]:
+        """The accuracies whose smallest trial a pareto search shrinks (search/descent.py): target, then floor."""
+        if self.objective != "pareto" or not self.descend:
+            return []
+        return sorted({level for level in (self.target, self.floor) if level is not None}, reverse=True)
 
     def with_data(self, record: dict) -> dict:
         """The set-up with the data's identity (name, md5 sums, classes, normalisation), as a study keeps it."""

@@ -19,6 +19,13 @@ RUNG_FACTOR = 3  # successive halving: rungs at epochs 1, 3, 9; a third of the t
 # small --subset is not judged after a few hundred steps.
 NOT_LEARNING = 0.5
 NOT_LEARNING_IMAGES = 50_000
+# The floor stop of a pareto search (`floor_stop_reason`): a trial whose best validation accuracy so far, plus the
+# largest gain from that epoch to the last among the study's trials that ended at or above the floor, plus a margin,
+# stays under the floor cannot join the front worth certifying. Judged from epoch FLOOR_FROM_EPOCH: at epoch 1 it
+# would have stopped a net at 94.05% that ended at 99.21% (docs/search.md), at epoch 3 none of them.
+FLOOR_FROM_EPOCH = 3
+FLOOR_MARGIN = 0.005  # fraction: half a point of slack over the largest gain seen
+FLOOR_REFERENCES = 2  # trials that ended at or above the floor, needed before the floor stop judges anyone
 
 
 def make_pruner(name: str, objective: str, epochs: int) -> optuna.pruners.BasePruner:
@@ -60,3 +67,22 @@ def pareto_should_prune(trials: list[FrozenTrial], number: int, n_params: int, e
         return False
     keep = max(1, (len(rivals) + 1) // RUNG_FACTOR)  # how many of rivals-plus-this-trial go on
     return val_acc < rivals[keep - 1]
+
+
+def floor_stop_reason(trials: list[FrozenTrial], number: int, epoch: int, best_so_far: float, floor: float,
+                      epochs: int) -> str | None:
+    """Why a pareto trial at `epoch` (best validation accuracy `best_so_far`) should stop because it cannot reach
+    `floor`, or None. Calibrated on the study itself: the gains, from the best accuracy at `epoch` to the final one,
+    of the completed full-length trials that ended at or above the floor."""
+    if epoch < FLOOR_FROM_EPOCH:
+        return None
+    gains = [r.values[0] - max(e["val_acc"] for e in r.history[:epoch]) for r in map(TrialRecord, trials)
+             if r.number != number and r.is_candidate and r.values[0] >= floor and len(r.history) >= epochs > epoch]
+    if len(gains) < FLOOR_REFERENCES:
+        return None
+    reach = best_so_far + max(gains) + FLOOR_MARGIN
+    if reach >= floor:
+        return None
+    return (f"stopped after epoch {epoch} at {best_so_far:.2%}: cannot reach the {floor:.2%} floor (--floor) with "
+            f"the largest gain after epoch {epoch} of {len(gains)} trials that did, {max(gains) * 100:+.2f} points, "
+            f"and {FLOOR_MARGIN * 100:.1f} more")

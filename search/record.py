@@ -77,6 +77,7 @@ class TrialRecord:
     key = property(lambda self: self.attrs.get("key"))  # spec and training config, hashed: what makes a duplicate
     preset = property(lambda self: self.attrs.get("preset", ""))
     duplicate_of = property(lambda self: self.attrs.get("duplicate_of"))
+    shrunk_from = property(lambda self: self.attrs.get("shrunk_from"))  # front descent's source trial (descent.py)
     retry_of = property(lambda self: self.attrs.get("retry_of"))
     worker = property(lambda self: str(self.attrs.get("worker", "")))
     wall_s = property(lambda self: self.attrs.get("wall_s"))
@@ -85,6 +86,17 @@ class TrialRecord:
     shards = property(lambda self: self.attrs.get("shards"))
     history = property(lambda self: self.attrs.get("history") or [])  # one dict per epoch (EpochRecord's fields)
     has_spec = property(lambda self: "spec" in self.attrs)
+
+    @property
+    def origin(self) -> str:
+        """Where the candidate came from, as a person reads it."""
+        if self.preset:
+            return f"preset {self.preset}"
+        if self.shrunk_from is not None:
+            return f"trial {self.shrunk_from} shrunk to {self.attrs.get('shrink')}"
+        if self.retry_of is not None:
+            return f"retry of trial {self.retry_of}"
+        return "sampler"
 
     @property
     def stored_outcome(self) -> Outcome | None:
@@ -238,6 +250,7 @@ def trial_frame(study: optuna.Study):
             "n_params": r.n_params, "receptive_field": r.receptive_field, "macs": r.macs, "val_acc": r.val_acc,
             "epochs_trained": r.epochs_trained, "wall_s": r.wall_s, "device": r.device, "precision": r.precision,
             "shards": r.shards, "preset": r.preset, "duplicate_of": r.duplicate_of,
+            "shrunk_from": r.shrunk_from, "origin": r.origin,
             "datetime_start": r.trial.datetime_start, "datetime_complete": r.trial.datetime_complete,
             "spec": r.attrs.get("spec", ""), "repaired_from": r.attrs.get("repaired_from", ""),
             "config": json.dumps(r.attrs.get("config", {}), sort_keys=True), "history": json.dumps(r.history),

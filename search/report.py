@@ -265,7 +265,7 @@ document.querySelectorAll('table.sortable th').forEach((th, col) => th.addEventL
 
 
 # The trials table: column heading -> (frame column, format of a number); counts print as integers.
-TRIAL_COLUMNS = {"trial": ("number", "{:,.0f}"), "outcome": ("outcome", None),
+TRIAL_COLUMNS = {"trial": ("number", "{:,.0f}"), "from": ("origin", None), "outcome": ("outcome", None),
                  "validation accuracy (%)": ("val_acc", "{:.2f}"), "parameters": ("n_params", "{:,.0f}"),
                  "receptive field (px)": ("receptive_field", "{:,.0f}"), "MACs per image": ("macs", "{:,.0f}"),
                  "epochs trained": ("epochs_trained", "{:,.0f}"), "seconds": ("wall_s", "{:,.1f}"),

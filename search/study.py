@@ -22,6 +22,7 @@ from models.budget import count_params
 from models.presets import PRESETS
 from search import space
 from search.data import load_data
+from search.descent import queue_descent
 from search.engine import TrainConfig, resolve_device, to_device
 from search.engine.runtime import set_cpu_threads, use_bf16
 from search.fsio import atomic_write_text
@@ -172,6 +173,8 @@ def run_search(opts: SearchOptions, log: Callable[[str], None] = print, progress
             on_trial_end(study, trial)
         if count_trained(study) >= opts.trials:
             study.stop()
+        else:
+            queue_descent(study, opts.descent_levels)
 
     study.optimize(make_objective(ctx), n_trials=None, n_jobs=opts.jobs, callbacks=[after_trial],
                    catch=(TrialFailed,), gc_after_trial=False, show_progress_bar=False)

@@ -109,6 +109,9 @@ def test_report_data_and_page(tiny_study):
     trained = [r for r in rows if r["outcome"] in ("completed", "pruned")]
     assert len(trained) == 2 and all("." not in r["parameters"] and "." not in r["epochs trained"] for r in trained)
     assert all(len(r["validation accuracy (%)"].split(".")[1]) == 2 for r in trained)
+    # Where each candidate came from: the enqueued presets by name, the rest from the sampler.
+    assert {r["from"] for r in rows} <= {"sampler"} | {f"preset {t.user_attrs.get('preset')}" for t in study.get_trials()}
+    assert any(r["from"].startswith("preset ") for r in rows) and any(r["from"] == "sampler" for r in rows)
     assert {r["parameters"] for r in trained} <= {f"{t.user_attrs['n_params']:,}" for t in study.get_trials()}
     for fig_id in ("params-vs-accuracy", "parameter-spread", "learning-curves", "history", "timeline", "winner",
                    "trial-table"):

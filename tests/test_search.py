@@ -224,6 +224,102 @@ def test_pareto_pruning_judges_a_trial_against_nets_no_larger():
     assert not pareto_should_prune(others, 9, 2_000, 3, 0.49, images_seen=6_000)
 
 
+def _completed(number: int, n_params: int, curve: list[float], params: dict | None = None, **attrs):
+    from optuna.distributions import IntDistribution
+    from optuna.trial import create_trial
+
+    params = params if params is not None else {"param_target": n_params}
+    trial = create_trial(state=TrialState.COMPLETE, values=[curve[-1], float(n_params)], params=params,
+                         distributions={k: IntDistribution(1, 10**6) for k in params},
+                         user_attrs={"n_params": n_params, "outcome": "completed", "constraint": 0,
+                                     "history": [{"val_acc": v} for v in curve], **attrs})
+    trial.number = number
+    return trial
+
+
+def test_floor_stop_ends_a_trial_that_cannot_reach_the_floor_even_with_the_best_gain_seen():
+    from search.pruning import floor_stop_reason
+
+    # Two trials at or over the 99% floor; from their best by epoch 3 they gained 1.5 and 2.0 points.
+    done = [_completed(0, 4_582, [0.95, 0.97, 0.966, 0.98, 0.99]), _completed(1, 7_442, [0.97, 0.975, 0.975, 0.99, 0.995]),
+            _completed(2, 1_000, [0.90, 0.92, 0.93, 0.95, 0.96])]  # under the floor: not a reference
+    # Largest gain 2.0 points + 0.5 margin: 96.5% by epoch 3 is the least that goes on.
+    why = floor_stop_reason(done, 9, 3, 0.9649, floor=0.99, epochs=5)
+    assert why and why.startswith("stopped after epoch 3 at 96.49%: cannot reach the 99.00% floor")
+    assert "largest gain after epoch 3 of 2 trials that did, +2.00 points, and 0.5 more" in why
+    assert floor_stop_reason(done, 9, 3, 0.9651, floor=0.99, epochs=5) is None
+    # Never at epoch 1 (it misjudges nets that learn late), nor with fewer than two references, nor at the last epoch
+    # of the references (no gain left to measure).
+    assert floor_stop_reason(done, 9, 1, 0.50, floor=0.99, epochs=5) is None
+    assert floor_stop_reason(done[1:], 9, 3, 0.50, floor=0.99, epochs=5) is None
+    assert floor_stop_reason(done, 9, 5, 0.50, floor=0.99, epochs=5) is None
+    # A trial is not its own reference.
+    assert floor_stop_reason(done, 0, 3, 0.90, floor=0.99, epochs=5) is None
+
+
+def test_front_descent_shrinks_the_smallest_trial_at_each_level_one_step_at_a_time():
+    from search.descent import next_descent
+    from search.record import TrialRecord
+
+    layout = {"n_blocks": 2, "b1_c1": 8}
+    done = [_completed(0, 4_582, [0.993], {**layout, "param_target": 4_582}, preset="micro"),
+            _completed(1, 7_442, [0.9941], {**layout, "param_target": 7_442}),
+            _completed(2, 19_674, [0.9948], {**layout, "param_target": 19_674})]
+    recs = [TrialRecord(t) for t in done]
+    # Neither level descended yet: the target (99.4%) first, from its smallest trial (7,442 params).
+    params, attrs = next_descent(recs, [0.994, 0.99])
+    assert params == {**layout, "param_target": 5_953}
+    assert attrs == {"shrunk_from": 1, "shrink": 0.8, "descent_level": 0.994}
+    # Its descendant waiting: nothing more is queued.
+    waiting = _completed(3, 0, [0.0], {**layout, "param_target": 5_953}, shrunk_from=1, shrink=0.8,
+                         descent_level=0.994)
+    waiting.state = TrialState.WAITING
+    assert next_descent(recs + [TrialRecord(waiting)], [0.994, 0.99]) is None
+    # It fell short (pruned); the latest trained trial was a descendant, so the sampler has the next slot.
+    short = _completed(3, 5_900, [0.97], {**layout, "param_target": 5_953}, shrunk_from=1, shrink=0.8,
+                       descent_level=0.994)
+    short.state, short.values = TrialState.PRUNED, None
+    short.datetime_complete = done[2].datetime_complete.replace(year=2100)
+    assert next_descent(recs + [TrialRecord(short)], [0.994, 0.99]) is None
+    # After a sampler trial: the floor (descended less) now, from the smallest trial at 99.0% (micro, 4,582).
+    drawn = _completed(4, 12_000, [0.99], {**layout, "param_target": 12_000})
+    drawn.datetime_complete = short.datetime_complete.replace(year=2101)
+    recs += [TrialRecord(short), TrialRecord(drawn)]
+    params, attrs = next_descent(recs, [0.994, 0.99])
+    assert params["param_target"] == 3_665 and attrs["shrunk_from"] == 0 and attrs["descent_level"] == 0.99
+    # The target level alone: its source tries the milder shrink after the first fell short.
+    params, attrs = next_descent(recs, [0.994])
+    assert params["param_target"] == 6_697 and attrs["shrink"] == 0.9
+    # Both shrinks tried: that level waits for the sampler to find a smaller net there.
+    milder = _completed(5, 6_600, [0.993], {**layout, "param_target": 6_697}, shrunk_from=1, shrink=0.9,
+                        descent_level=0.994)
+    milder.datetime_complete = drawn.datetime_complete.replace(year=2099)
+    assert next_descent(recs + [TrialRecord(milder)], [0.994]) is None
+    # Without levels (accuracy searches, --no-descend) there is nothing to descend.
+    assert next_descent(recs, []) is None
+
+
+def test_a_pareto_search_queues_shrunk_copies_of_its_smallest_trial_at_the_floor(tmp_path, data_root):
+    from models.budget import count_params
+
+    # Under 8,000 parameters four presets train (the two larger are refused untrained); the fifth trial descends
+    # from the smallest of them at the floor. 2 epochs on 1,000 images reach 13-40%: a floor of 20%.
+    opts = SearchOptions(trials=5, study="descent", results_dir=str(tmp_path), epochs=2, subset=1000,
+                         max_params=8_000, data_dir=str(data_root), device="cpu", objective="pareto", floor=0.2)
+    recs = list(map(TrialRecord, run_search(opts, log=quiet).study.get_trials()))
+    by_number = {r.number: r for r in recs}
+    kids = [r for r in recs if r.attrs.get("shrunk_from") is not None]
+    assert len(kids) == 1, [(r.number, r.outcome.value, r.val_acc) for r in recs]
+    for kid in kids:
+        source = by_number[kid.attrs["shrunk_from"]]
+        assert source.is_candidate and source.values[0] >= 0.2
+        # The source's layout and recipe, its widths fitted to a smaller target.
+        assert {k: v for k, v in kid.params.items() if k != "param_target"} == \
+               {k: v for k, v in source.params.items() if k != "param_target"}
+        assert kid.params["param_target"] == int(source.n_params * kid.attrs["shrink"])
+        assert count_params(kid.spec) <= kid.params["param_target"] < source.n_params
+
+
 def test_a_trial_that_trained_every_epoch_is_never_pruned(tmp_path, data_root):
     # With one epoch, successive halving's first rung is the last epoch: a trial judged there has trained in full,
     # and it completes (it stays a candidate for `best` and the leaderboard).
