@@ -154,14 +154,6 @@ class DeviceName(str, Enum):
 Device = Annotated[DeviceName, typer.Option(help="Where to train: auto (CUDA if present, else the CPU), cpu or cuda.")]
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM, turned into the same orderly stop as Ctrl-C."""
-
-
-def _on_sigterm(signum, frame):
-    raise Interrupted()
-
-
 @app.command()
 def search(  # long: one line per option, and the refusals of bad input before anything is written
     trials: Annotated[int, typer.Option(callback=bounded(1), help="Trained trials in the study (rejected candidates do not count).")] = 50,
@@ -205,6 +197,7 @@ def search(  # long: one line per option, and the refusals of bad input before a
 
     from search.data import DataError, check_data_root, load_mnist
     from search.engine import resolve_device
+    from search.engine.runtime import stop_at_safe_points
     from search.storage import SearchError, check_results_folder, this_worker
     from search.console import print_leaderboard, print_trial_line
     from search.options import SearchOptions
@@ -230,16 +223,20 @@ def search(  # long: one line per option, and the refusals of bad input before a
         raise fail(str(exc)) from None
 
     try:
-        signal.signal(signal.SIGTERM, _on_sigterm)  # inside the try: a SIGTERM at any point after this is handled
-        result = run_search(opts, log=lambda line: console.print(line, highlight=False, markup=False),
-                            on_trial_end=lambda study_obj, trial: print_trial_line(study_obj, trial, opts))
+        with stop_at_safe_points():  # Ctrl-C and SIGTERM stop training between two steps, or between trials
+            result = run_search(opts, log=lambda line: console.print(line, highlight=False, markup=False),
+                                on_trial_end=lambda study_obj, trial: print_trial_line(study_obj, trial, opts))
     except (SearchError, DataError) as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt as exc:
         # The clean-up below runs once: a second signal now would interrupt it half-way.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise typer.Exit(_stop_cleanly(opts, isinstance(exc, Interrupted))) from None
+        before = signal.signal(signal.SIGTERM, signal.SIG_IGN), signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            code = _stop_cleanly(opts, getattr(exc, "signal_name", "SIGINT") == "SIGTERM")
+        finally:
+            signal.signal(signal.SIGTERM, before[0])
+            signal.signal(signal.SIGINT, before[1])
+        raise typer.Exit(code) from None
     print_leaderboard(result, opts)
     if result.stop_reason:
         raise fail(result.stop_reason, code=1)

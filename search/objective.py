@@ -29,6 +29,7 @@ from models.build import build
 from models.spec import Conv, ConvBlock, NetSpec, SpecError, Transition
 from search import space
 from search.engine import TrainConfig, fit, planned_engine
+from search.engine.runtime import stop_point
 from search.options import SearchOptions
 from search.pruning import floor_stop_reason, pareto_should_prune, rungs
 from search.record import Outcome, TrialWriter, count_trained, records
@@ -194,6 +195,7 @@ def make_objective(ctx: TrialContext) -> Callable[[optuna.Trial], float | tuple[
     def objective(trial: optuna.Trial):
         w = TrialWriter(trial)
         try:
+            stop_point()  # a stop requested between trials ends this one before it begins
             # A retried trial arrives with the user attributes of the one it retries: mark it as new.
             w.set(outcome=Outcome.PENDING, worker=ctx.opts.worker)
             retry_of = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")

@@ -24,7 +24,7 @@ from search import space
 from search.data import load_data
 from search.descent import queue_descent
 from search.engine import TrainConfig, resolve_device, to_device
-from search.engine.runtime import set_cpu_threads, use_bf16
+from search.engine.runtime import set_cpu_threads, stop_point, use_bf16
 from search.fsio import atomic_write_text
 from search.objective import TrialContext, TrialFailed, make_objective
 from search.options import SearchOptions
@@ -138,7 +138,7 @@ class _QuietHandledFailures(logging.Filter):
             self.dropped_last = False
             return False
         self.dropped_last = "failed with parameters" in message and any(
-            name in message for name in ("KeyboardInterrupt", "Interrupted(", "TrialFailed("))
+            name in message for name in ("KeyboardInterrupt", "StopRequested(", "TrialFailed("))
         return not self.dropped_last
 
 
@@ -166,11 +166,13 @@ def run_search(opts: SearchOptions, log: Callable[[str], None] = print, progress
     train = data_set.train.head(opts.subset) if opts.subset else data_set.train
     data = (*to_device(train, device, data_set.stats), *to_device(data_set.val, device, data_set.stats))
     ctx = TrialContext(opts, data, device, log, progress=progress, classes=data_set.classes)
+    stop_point()  # a stop requested while the data and the study were loading
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         write_trials_csv(study, csv_path)
         if on_trial_end:
             on_trial_end(study, trial)
+        stop_point()  # Ctrl-C or SIGTERM during the trial's last moments: stop before the next one
         if count_trained(study) >= opts.trials:
             study.stop()
         else:

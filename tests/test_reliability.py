@@ -84,6 +84,24 @@ def wait_for_training(proc, number):
     raise AssertionError("".join(lines))
 
 
+def test_a_signal_during_a_search_only_asks_training_to_stop_at_its_next_step():
+    from search.engine.runtime import StopRequested, stop_at_safe_points, stop_point
+
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_at_safe_points():
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here and only records the request
+        time.sleep(0.01)
+        with pytest.raises(StopRequested) as stop:
+            stop_point()  # where training and the search look between steps and trials
+        assert stop.value.signal_name == "SIGTERM" and isinstance(stop.value, KeyboardInterrupt)
+        with pytest.raises(StopRequested):  # a second signal: at once, wherever it lands
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
+    # Leaving restores the handlers and forgets the request.
+    assert signal.getsignal(signal.SIGTERM) is before
+    stop_point()
+
+
 def test_sigterm_closes_the_trial_exits_143_and_the_same_command_completes(tmp_path, data_root):
     args, proc = start_search(tmp_path, data_root, "term")
     wait_for_training(proc, 0)
@@ -146,6 +164,8 @@ BAD_SEARCH_INPUT = [
     (["--trials", "100000000000000000000"], "--trials=100000000000000000000: must be from 1 to 100,000"),
     (["--max-params", "99999999999"], "must be from 1 to 10,000,000"),
     (["--seed", "-1"], "--seed=-1: must be from 0 to 2,147,483,647"),
+    (["--floor", "99"], "--floor=0.99: applies to --objective pareto only"),
+    (["--floor", "120", "--objective", "pareto"], "must be"),
     # Not even the smallest layout fits: said at once, not after 200 rejected candidates.
     (["--max-params", "100"], "--max-params=100: the smallest network of the search space with a receptive field of "
                               "at least 12 px (--min-rf) has 132 parameters"),

@@ -2,7 +2,7 @@
 and SGD steps that a GPU replays as one CUDA graph. No Optuna here.
 
     config.py      TrainConfig, EpochRecord, History, resolve_device
-    runtime.py     process-wide settings, done once: threads, malloc, cuDNN, bfloat16, capture lock
+    runtime.py     process-wide settings, done once: threads, malloc, cuDNN, bfloat16, capture lock; safe-point stops
     steps.py       data on the device, augmentation, optimizer and schedule, one batch's loss, the ordinary epoch
     whole_step.py  the whole SGD step on fixed buffers (CUDA graph; sharded across threads on a CPU)
     loop.py        fit and evaluate

@@ -192,6 +192,7 @@ class _Trainer:
         self.stepper.start_epoch(order, thetas)
         for _ in range(self.steps_per_epoch):
             self.stepper.step()
+            runtime.stop_point()  # between steps: no shard worker is running
             if advance:
                 advance()
         loss_sum, correct = self.stepper.sums()

@@ -104,3 +104,54 @@ def capture_guard(model: nn.Module, device: torch.device, also_zero: tuple[torch
         for t in also_zero:
             t.zero_()
         torch.cuda.set_rng_state(rng, device)
+
+
+# ---- stopping at a safe point -----------------------------------------------------------------------------------
+# A search's Ctrl-C and SIGTERM only set a flag; training raises `StopRequested` between two steps, and the search
+# between trials. An exception raised by the signal itself lands wherever the main thread is: in the middle of a
+# sharded step while its worker threads still run (a segfault at exit was seen), or while Optuna joins its heartbeat
+# thread (which then printed a traceback at exit). A second signal raises at once: the user insists.
+
+class StopRequested(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, raised at a safe point; `signal_name` says which."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+_stop_signal: str | None = None
+
+
+def request_stop(signal_name: str | None) -> None:
+    global _stop_signal
+    _stop_signal = signal_name
+
+
+def stop_point() -> None:
+    """Raise StopRequested if a stop was requested: called between steps, epochs and trials."""
+    if _stop_signal is not None:
+        raise StopRequested(_stop_signal)
+
+
+@contextlib.contextmanager
+def stop_at_safe_points():
+    """Within: SIGTERM, and SIGINT where Python's own Ctrl-C handler is in place (not where the shell ignores it),
+    request a stop instead of raising wherever the main thread is. On leaving, the handlers before and no request."""
+    import signal
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if _stop_signal is not None:  # the second one: now
+            raise StopRequested(name)
+        request_stop(name)
+
+    before = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        before[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        for signum, previous in before.items():
+            signal.signal(signum, previous)
+        request_stop(None)

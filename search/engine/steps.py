@@ -12,7 +12,7 @@ from torch import nn
 
 from search.data import MEAN, STD, Split
 from search.engine.config import TrainConfig
-from search.engine.runtime import autocast, capture_guard
+from search.engine.runtime import autocast, capture_guard, stop_point
 
 
 def to_device(split: Split, device: torch.device, stats: tuple[float, float] = (MEAN, STD)
@@ -100,6 +100,7 @@ def train_epoch(step_model, opt, sched, criterion, x_train, y_train, order, thet
         loss_sum += loss.detach() * len(yb)
         correct += (logits.detach().argmax(1) == yb).sum()
         seen += len(yb)
+        stop_point()
         if advance:
             advance()
     return loss_sum, correct, seen
