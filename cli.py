@@ -364,8 +364,9 @@ def best(
                                                    "network whose validation accuracy reached this percentage.")] = None,
     front: Annotated[bool, typer.Option("--front", help="Certify every trial on the accuracy/size front at or above "
                                         "--floor, smallest first; writes front.json.")] = False,
-    floor: Annotated[float, typer.Option(callback=bounded(0, 100, " percent"), help="With --front: the lowest "
-                                         "validation accuracy certified, percent.")] = 99.0,
+    floor: Annotated[Optional[float], typer.Option(callback=bounded(0, 100, " percent"), help=(
+        "With --front: the lowest validation accuracy certified, percent [default: the study's target minus 0.4, "
+        "99.0 on MNIST, as the search's --floor]."))] = None,
     seeds: Seeds = 3,
     epochs: CertifyEpochs = None,
     max_params: CertifyMaxParams = RULES.max_params,
@@ -375,6 +376,7 @@ def best(
 ) -> None:
     """Retrain the winner on all 60,000 training images with several seeds and certify it on the test set."""
     from search.console import print_front
+    from search.options import FLOOR_BELOW_TARGET
     from search.record import study_dataset, study_target
     from search.retrain import (certificate_dir, front_summary, front_to_certify, from_trial, pick_winner,
                                 with_recipe, write_best)
@@ -385,6 +387,10 @@ def best(
     _refuse_epochs(epochs)
     study_obj = _open_study(study, storage, results_dir)
     _check_run_inputs(device, data_dir, study_dataset(study_obj))
+    if front and floor is None:
+        if study_target(study_obj) is None:
+            raise fail(f"study '{study}' has no target accuracy, so no default floor: give --floor PERCENT")
+        floor = round((study_target(study_obj) - FLOOR_BELOW_TARGET) * 100, 4)
     try:
         records = front_to_certify(study_obj, floor / 100) if front else [
             pick_winner(study_obj, trial, None if target is None else target / 100)]

@@ -110,8 +110,9 @@ def test_report_data_and_page(tiny_study):
     assert len(trained) == 2 and all("." not in r["parameters"] and "." not in r["epochs trained"] for r in trained)
     assert all(len(r["validation accuracy (%)"].split(".")[1]) == 2 for r in trained)
     # Where each candidate came from: the enqueued presets by name, the rest from the sampler.
-    assert {r["from"] for r in rows} <= {"sampler"} | {f"preset {t.user_attrs.get('preset')}" for t in study.get_trials()}
-    assert any(r["from"].startswith("preset ") for r in rows) and any(r["from"] == "sampler" for r in rows)
+    assert [r["from"] for r in rows] == [f"preset {t.user_attrs['preset']}" if "preset" in t.user_attrs else "sampler"
+                                         for t in study.get_trials()]
+    assert any(r["from"].startswith("preset ") for r in rows)
     assert {r["parameters"] for r in trained} <= {f"{t.user_attrs['n_params']:,}" for t in study.get_trials()}
     for fig_id in ("params-vs-accuracy", "parameter-spread", "learning-curves", "history", "timeline", "winner",
                    "trial-table"):
@@ -218,6 +219,10 @@ def test_best_front_certifies_every_front_trial_once_and_the_report_draws_them(t
                               "--data-dir", str(data_root)])
     assert out.exit_code == 2 and "floor of 99.99%" in out.output, out.output
     assert (results / "tiny" / "front.json").is_file()
+    # No --floor: the study's target (MNIST's 99.4%) minus 0.4, as the search's floor.
+    out = runner.invoke(app, ["best", "--study", "tiny", "--results-dir", str(results), "--front",
+                              "--data-dir", str(data_root)])
+    assert out.exit_code == 2 and "floor of 99.00%" in out.output, out.output
     out = runner.invoke(app, ["best", "--study", "tiny", "--results-dir", str(results), "--front", "--trial", "1"])
     assert out.exit_code == 2 and "--front" in out.output
 

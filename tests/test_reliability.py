@@ -65,9 +65,9 @@ def test_reusing_a_study_with_another_setup_is_refused(tmp_path, data_root):
 
 # ---- signals to a real search ---------------------------------------------------------------------
 
-def start_search(tmp_path, data_root, study, trials=3, epochs=2):
+def start_search(tmp_path, data_root, study, trials=3, epochs=2, subset=1000):
     args = [sys.executable, str(ROOT / "cli.py"), "search", "--trials", str(trials), "--epochs", str(epochs),
-            "--subset", "1000", "--study", study, "--results-dir", str(tmp_path), "--data-dir", str(data_root),
+            "--subset", str(subset), "--study", study, "--results-dir", str(tmp_path), "--data-dir", str(data_root),
             "--device", "cpu"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -103,7 +103,9 @@ def test_a_signal_during_a_search_only_asks_training_to_stop_at_its_next_step():
 
 
 def test_sigterm_closes_the_trial_exits_143_and_the_same_command_completes(tmp_path, data_root):
-    args, proc = start_search(tmp_path, data_root, "term")
+    # 3 epochs on 3,000 images: trial 0 is still training a second after it starts (2 on 1,000 could be done; a stop
+    # requested after its last step lets it complete).
+    args, proc = start_search(tmp_path, data_root, "term", epochs=3, subset=3000)
     wait_for_training(proc, 0)
     proc.send_signal(signal.SIGTERM)
     out = proc.stdout.read()
