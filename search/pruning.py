@@ -21,8 +21,8 @@ NOT_LEARNING = 0.5
 NOT_LEARNING_IMAGES = 50_000
 # The floor stop of a pareto search (`floor_stop_reason`): a trial whose best validation accuracy so far, plus the
 # largest gain from that epoch to the last among the study's trials that ended at or above the floor, plus a margin,
-# stays under the floor cannot join the front worth certifying. Judged from epoch FLOOR_FROM_EPOCH: at epoch 1 it
-# would have stopped a net at 94.05% that ended at 99.21% (docs/search.md), at epoch 3 none of them.
+# stays under the floor cannot join the front worth certifying. Judged from epoch FLOOR_FROM_EPOCH: replayed on a
+# search's full-length curves, at epoch 1 it stopped a net that ended above the floor, at epoch 3 none (docs/search.md).
 FLOOR_FROM_EPOCH = 3
 FLOOR_MARGIN = 0.005  # fraction: half a point of slack over the largest gain seen
 FLOOR_REFERENCES = 2  # trials that ended at or above the floor, needed before the floor stop judges anyone
