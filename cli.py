@@ -376,7 +376,7 @@ def best(
 ) -> None:
     """Retrain the winner on all 60,000 training images with several seeds and certify it on the test set."""
     from search.console import print_front
-    from search.options import FLOOR_BELOW_TARGET
+    from search.options import default_floor
     from search.record import study_dataset, study_target
     from search.retrain import (certificate_dir, front_summary, front_to_certify, from_trial, pick_winner,
                                 with_recipe, write_best)
@@ -390,7 +390,7 @@ def best(
     if front and floor is None:
         if study_target(study_obj) is None:
             raise fail(f"study '{study}' has no target accuracy, so no default floor: give --floor PERCENT")
-        floor = round((study_target(study_obj) - FLOOR_BELOW_TARGET) * 100, 4)
+        floor = default_floor(study_target(study_obj)) * 100
     try:
         records = front_to_certify(study_obj, floor / 100) if front else [
             pick_winner(study_obj, trial, None if target is None else target / 100)]

@@ -18,6 +18,12 @@ OBJECTIVES = ("accuracy", "pareto")
 # fraction: a pareto search's default floor lies this far under the target (99.0% for MNIST's 99.4%), the default
 # of `best --front --floor` too
 FLOOR_BELOW_TARGET = 0.004
+
+
+def default_floor(target: float | None) -> float | None:
+    """The floor (fraction) of a pareto search and of `best --front` for a study with this target."""
+    return None if target is None else round(target - FLOOR_BELOW_TARGET, 6)
+
 MIN_RF = 12  # pixels: by default candidates that see less of the 28-px digit are not trained (docs/search.md)
 
 
@@ -92,7 +98,7 @@ class SearchOptions:
         if self.floor is not None and self.objective != "pareto":
             bad("floor", "applies to --objective pareto only (the accuracy search prunes with Optuna's pruners)")
         if self.floor is None and self.objective == "pareto" and self.target is not None:
-            self.floor = round(self.target - FLOOR_BELOW_TARGET, 6)
+            self.floor = default_floor(self.target)
 
     @property
     def descent_levels(self) -> list[float]:
