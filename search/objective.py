@@ -250,7 +250,8 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
                 stop_reason.append(why)
                 return True
         return pareto_should_prune(trials, trial.number, c.n_params, record.epoch, record.val_acc,
-                                   images_seen=record.epoch * len(ctx.data[1]))
+                                   images_seen=record.epoch * len(ctx.data[1]),
+                                   descendant=trial.user_attrs.get("shrunk_from") is not None)
 
     start = time.perf_counter()
     try:

@@ -18,7 +18,8 @@ import numpy as np
 import optuna
 import pandas as pd
 import plotly.graph_objects as go
-from optuna.trial import TrialState
+from optuna.distributions import IntDistribution
+from optuna.trial import FrozenTrial, TrialState
 
 from models.budget import analyze
 from models.rules import RULES
@@ -203,8 +204,26 @@ def fig_certification(cert: dict) -> go.Figure:
 def _trials_that_ran(study: optuna.Study) -> optuna.Study:
     """An in-memory copy of the study without the trials still queued (WAITING: never started, nothing to draw)."""
     copy = optuna.create_study(directions=study.directions)
-    copy.add_trials([t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
+    copy.add_trials([_on_own_grid(t) for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
     return copy
+
+
+def _on_own_grid(trial: FrozenTrial) -> FrozenTrial:
+    """The trial with each parameter's distribution widened to hold its value. A preset enqueued into an accuracy
+    search keeps widths off its multiples of 8 (`small`: 10 and 20; search/space.py), which Optuna stores with the
+    grid's distribution; `add_trials` refuses such a trial."""
+    distributions = dict(trial.distributions)
+    for name, value in trial.params.items():
+        dist = distributions[name]
+        if isinstance(dist, IntDistribution) and not dist._contains(dist.to_internal_repr(value)):
+            distributions[name] = IntDistribution(min(dist.low, value), max(dist.high, value), log=dist.log)
+    if distributions == trial.distributions:
+        return trial
+    return FrozenTrial(number=trial.number, state=trial.state, value=None, values=trial.values,
+                       datetime_start=trial.datetime_start, datetime_complete=trial.datetime_complete,
+                       params=trial.params, distributions=distributions, user_attrs=trial.user_attrs,
+                       system_attrs=trial.system_attrs, intermediate_values=trial.intermediate_values,
+                       trial_id=trial._trial_id)
 
 
 class FigureFailed(str):

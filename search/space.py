@@ -5,6 +5,7 @@ followed by a 1x1 transition; BatchNorm and dropout are shared choices; the head
 pooling in either order. Training choices: optimizer, learning rate, batch size, schedule, label smoothing,
 augmentation strength. The epochs are the study's, not searched.
 
+Widths: multiples of 8 from 8 for an accuracy search, steps of 2 from 4 for a pareto search (PARETO_CHANNELS).
 With `param_target` (pareto searches) the trial also draws a parameter count, log-uniform from 1,000 to the budget,
 and every width is scaled by one factor so that the network has as many parameters as fit under it
 (`fit_widths`): the trials then spread over the whole parameter axis instead of clustering where random widths land
@@ -26,10 +27,13 @@ from models.spec import Conv, ConvBlock, Head, NetSpec, Transition
 from search.engine.config import TrainConfig
 
 MAX_BLOCKS = 3
-# Channels per conv, in steps of 2 from 4: the sub-5k hand-made nets use 4, 6 and 12 channels. Widths off the
-# multiples of 8 cost CPU speed per MAC (docs/search.md); the search pays that knowingly, for the small end.
-# With 3 blocks of 3 convs this reaches far past 20k, with 1 block of 1 conv under 100 parameters.
-CHANNELS = (4, 40, 2)
+# Channels per conv, (low, high, step). A pareto search draws them in steps of 2 from 4: the sub-5k hand-made nets use
+# 4, 6 and 12 channels, and `fit_widths` scales them to the trial's parameter target anyway. Widths off the multiples
+# of 8 cost CPU time per MAC, and the nets they make are small and slow per parameter (docs/search.md): an accuracy
+# search, whose winners have 12,000 to 20,000 parameters, draws multiples of 8 and keeps its time.
+# With 3 blocks of 3 convs either reaches far past 20k, with 1 block of 1 conv under 100 parameters.
+PARETO_CHANNELS = (4, 40, 2)
+ACCURACY_CHANNELS = (8, 40, 8)
 MIN_TARGET = 1_000  # parameters: the small end of a pareto search's parameter targets
 LR = {"sgd": (0.01, 0.4), "adamw": (5e-4, 2e-2)}  # peak learning rate ranges, log-uniform
 BATCH_SIZES = (64, 128, 256)  # images per step
@@ -38,13 +42,16 @@ LABEL_SMOOTHING = (0.0, 0.15)
 AUGMENT = (0.0, 1.5)
 
 
-def _width(trial: optuna.trial.BaseTrial, name: str) -> int:
-    low, high, step = CHANNELS
-    return trial.suggest_int(name, low, high, step=step)
-
-
 def suggest(trial: optuna.trial.BaseTrial, epochs: int = 20, seed: int = 0, param_target: bool = False,
-            max_params: int = RULES.max_params, num_classes: int = 10) -> tuple[NetSpec, TrainConfig]:
+            max_params: int = RULES.max_params, num_classes: int = 10,
+            channels: tuple[int, int, int] | None = None) -> tuple[NetSpec, TrainConfig]:
+    """The trial's network and training config. `param_target`: a pareto trial (a drawn parameter target, widths in
+    PARETO_CHANNELS); `channels` overrides the widths' (low, high, step)."""
+    low, high, step = channels or (PARETO_CHANNELS if param_target else ACCURACY_CHANNELS)
+
+    def _width(trial: optuna.trial.BaseTrial, name: str) -> int:
+        return trial.suggest_int(name, low, high, step=step)
+
     n_blocks = trial.suggest_int("n_blocks", 1, MAX_BLOCKS)
     batchnorm = trial.suggest_categorical("batchnorm", [True, False])
     dropout = trial.suggest_float("dropout", *DROPOUT)

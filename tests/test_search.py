@@ -222,6 +222,11 @@ def test_pareto_pruning_judges_a_trial_against_nets_no_larger():
     assert pareto_should_prune(others, 9, 2_000, 1, 0.49, images_seen=50_000)
     assert not pareto_should_prune(others, 9, 2_000, 1, 0.50, images_seen=50_000)
     assert not pareto_should_prune(others, 9, 2_000, 3, 0.49, images_seen=6_000)
+    # A descendant of the front descent is not halved at epoch 1, only from epoch 3 on; not learning still stops it.
+    assert not pareto_should_prune(others, 9, 5_500, 1, 0.80, descendant=True)
+    assert pareto_should_prune(others, 9, 5_500, 1, 0.49, images_seen=50_000, descendant=True)
+    rivals_at_3 = [_reported(n, 3_000 + n, [0.95, 0.96, 0.97]) for n in range(3)]
+    assert pareto_should_prune(rivals_at_3, 9, 5_500, 3, 0.955, descendant=True)
 
 
 def _completed(number: int, n_params: int, curve: list[float], params: dict | None = None, **attrs):

@@ -1,5 +1,6 @@
 """The search space, tested with FixedTrial: presets are inside it, and both ends of the budget are reachable."""
 
+import re
 import warnings
 
 import optuna
@@ -8,13 +9,20 @@ import pytest
 from models.budget import count_params
 from models.presets import PRESETS, _compact
 from models.spec import Conv, ConvBlock, Head, NetSpec, SpecError
-from search.space import encode, fit_widths, suggest
+from search.space import ACCURACY_CHANNELS, PARETO_CHANNELS, encode, fit_widths, suggest
 from search.engine import TrainConfig
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.filterwarnings("ignore:The value .* is out of the range:UserWarning")
 def test_presets_round_trip_through_the_space(name):
+    # On a pareto search's grid of widths, every preset; an accuracy search enqueues those off its multiples of 8
+    # (`small`, `micro`) as they are (a fixed parameter may lie off the grid).
     cfg = TrainConfig(epochs=15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec, again = suggest(optuna.trial.FixedTrial(encode(PRESETS[name], cfg)), epochs=15, channels=PARETO_CHANNELS)
+    assert spec == PRESETS[name] and again == cfg
     spec, again = suggest(optuna.trial.FixedTrial(encode(PRESETS[name], cfg)), epochs=15)
     assert spec == PRESETS[name] and again == cfg
 
@@ -28,11 +36,12 @@ def params(**over):
     return base
 
 
-def on_grid(values: dict):
-    """A FixedTrial that refuses any value the space could not sample (widths come in steps of 2 from 4)."""
+def on_grid(values: dict, channels=PARETO_CHANNELS):
+    """A FixedTrial that refuses any value the space could not sample (a pareto search's widths by default: steps of
+    2 from 4)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        return suggest(optuna.trial.FixedTrial(values))
+        return suggest(optuna.trial.FixedTrial(values), channels=channels)
 
 
 def test_a_network_of_about_3000_parameters_is_reachable():
@@ -47,12 +56,34 @@ def test_a_network_of_about_19900_parameters_is_reachable():
     assert 19_900 <= count_params(spec) < 20_000, count_params(spec)
 
 
-def test_widths_come_in_steps_of_two_from_four():
+def test_a_pareto_search_draws_widths_in_steps_of_two_from_four():
     spec, _ = on_grid(params(b1_c1=4, b1_c2=6, t1_c=12, b2_c1=12, b2_c2=40))
     assert [c.out_channels for c in spec.blocks[0].convs] == [4, 6]
     for odd in (5, 2, 42):
         with pytest.raises(UserWarning, match="out of the range"):
             on_grid(params(b1_c1=odd, b1_c2=16, b2_c1=16, b2_c2=16))
+
+
+def test_an_accuracy_search_draws_widths_in_multiples_of_eight():
+    assert ACCURACY_CHANNELS == (8, 40, 8)
+    spec, _ = on_grid(params(b1_c1=8, b1_c2=40, t1_c=16, b2_c1=24, b2_c2=32), channels=ACCURACY_CHANNELS)
+    assert [c.out_channels for c in spec.blocks[0].convs] == [8, 40]
+    for off in (4, 12, 48):
+        with pytest.raises(UserWarning, match="out of the range"):
+            on_grid(params(b1_c1=off, b1_c2=16, b2_c1=16, b2_c2=16), channels=ACCURACY_CHANNELS)
+    # What the search itself calls: an accuracy trial's widths come from the multiples of 8, a pareto trial's not.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    accuracy, pareto = set(), set()
+    for _ in range(40):
+        for param_target, seen in ((False, accuracy), (True, pareto)):
+            trial = study.ask()
+            try:
+                suggest(trial, param_target=param_target)
+            except SpecError:
+                pass
+            seen.update(v for k, v in trial.params.items() if re.fullmatch(r"b\d_c\d|t\d_c", k))
+    assert accuracy and all(w % 8 == 0 for w in accuracy)
+    assert any(w % 8 for w in pareto)
 
 
 def _padded_block(*widths, pool=True):
@@ -113,4 +144,4 @@ def test_layouts_that_shrink_below_1x1_raise_spec_error():
     deep = params(n_blocks=3, b1_convs=3, b1_c1=4, b1_c2=4, b1_c3=4, b2_convs=3, b2_c1=4, b2_c2=4, b2_c3=4,
                   t2=False, b3_convs=3, b3_padding=0, b3_c1=4, b3_c2=4, b3_c3=4, b3_pool=True)
     with pytest.raises(SpecError, match="must stay at least 1x1"):
-        suggest(optuna.trial.FixedTrial(deep))
+        suggest(optuna.trial.FixedTrial(deep), channels=PARETO_CHANNELS)
