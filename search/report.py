@@ -215,7 +215,8 @@ def _on_own_grid(trial: FrozenTrial) -> FrozenTrial:
     distributions = dict(trial.distributions)
     for name, value in trial.params.items():
         dist = distributions[name]
-        if isinstance(dist, IntDistribution) and not dist._contains(dist.to_internal_repr(value)):
+        if isinstance(dist, IntDistribution) and not (dist.low <= value <= dist.high
+                                                      and (value - dist.low) % dist.step == 0):
             distributions[name] = IntDistribution(min(dist.low, value), max(dist.high, value), log=dist.log)
     if distributions == trial.distributions:
         return trial

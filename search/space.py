@@ -49,7 +49,7 @@ def suggest(trial: optuna.trial.BaseTrial, epochs: int = 20, seed: int = 0, para
     PARETO_CHANNELS); `channels` overrides the widths' (low, high, step)."""
     low, high, step = channels or (PARETO_CHANNELS if param_target else ACCURACY_CHANNELS)
 
-    def _width(trial: optuna.trial.BaseTrial, name: str) -> int:
+    def width(name: str) -> int:
         return trial.suggest_int(name, low, high, step=step)
 
     n_blocks = trial.suggest_int("n_blocks", 1, MAX_BLOCKS)
@@ -59,11 +59,11 @@ def suggest(trial: optuna.trial.BaseTrial, epochs: int = 20, seed: int = 0, para
     for i in range(1, n_blocks + 1):
         n_convs = trial.suggest_int(f"b{i}_convs", 1, 3)
         padding = trial.suggest_int(f"b{i}_padding", 0, 1)
-        convs = tuple(Conv(_width(trial, f"b{i}_c{j}"), 3, padding) for j in range(1, n_convs + 1))
+        convs = tuple(Conv(width(f"b{i}_c{j}"), 3, padding) for j in range(1, n_convs + 1))
         pool = trial.suggest_categorical(f"b{i}_pool", [True, False])
         blocks.append(ConvBlock(convs, batchnorm, dropout, pool))
         if i < n_blocks and trial.suggest_categorical(f"t{i}", [True, False]):
-            blocks.append(Transition(_width(trial, f"t{i}_c"), batchnorm, False))
+            blocks.append(Transition(width(f"t{i}_c"), batchnorm, False))
     head = Head(trial.suggest_categorical("head", ["conv_gap", "gap_conv"]))
 
     optimizer = trial.suggest_categorical("optimizer", ["sgd", "adamw"])
