@@ -387,10 +387,11 @@ def best(
     _refuse_epochs(epochs)
     study_obj = _open_study(study, storage, results_dir)
     _check_run_inputs(device, data_dir, study_dataset(study_obj))
+    study_goal = study_target(study_obj)  # a fraction, or None for a study made without a target
     if front and floor is None:
-        if study_target(study_obj) is None:
+        if study_goal is None:
             raise fail(f"study '{study}' has no target accuracy, so no default floor: give --floor PERCENT")
-        floor = default_floor(study_target(study_obj)) * 100
+        floor = default_floor(study_goal) * 100
     try:
         records = front_to_certify(study_obj, floor / 100) if front else [
             pick_winner(study_obj, trial, None if target is None else target / 100)]
@@ -407,7 +408,7 @@ def best(
                       "allowance", highlight=False)
     # With --front, front.json is written after each trial: an interrupted --front keeps what it certified.
     certs = _certify_all(chosen, seeds=seeds, data_dir=data_dir, device=device.value, results_dir=results_dir,
-                         max_params=max_params, target=study_target(study_obj), reuse=front,
+                         max_params=max_params, target=study_goal, reuse=front,
                          after_each=(lambda done: front_summary(study, floor / 100, seeds, done, results_dir))
                          if front else None)
     if front:

@@ -3,7 +3,7 @@
     python benchmarks/width_cost.py [--images 12800] [--repeats 3] [--device auto]
 
 Trains pairs of networks of the same layout, one with widths in multiples of 8 and one with narrower or odd widths
-(the search draws widths in steps of 2 from 4: search/space.py), for one epoch on `--images` training images at
+(a pareto search draws widths in steps of 2 from 4, an accuracy search multiples of 8: search/space.py), for one epoch on `--images` training images at
 batch 64 in the engine's default precision, interleaved, `--repeats` times. Prints per network its MACs per image,
 images per second and MACs per second (medians), and per pair the ratio of MACs per second: a ratio under 1 is what
 the off-8 widths cost per MAC. A search pays it in time per trial, not in accuracy.
@@ -62,13 +62,14 @@ def main() -> None:
         for name, spec in nets.items():
             history = fit(build(spec), None, None, cfg, device=device, data_on_device=data, progress=False)
             rates[name].append(history.epochs[0].images_per_s)
-    macs = {name: analyze(spec).macs for name, spec in nets.items()}
+    analyses = {name: analyze(spec) for name, spec in nets.items()}
+    macs = {name: a.macs for name, a in analyses.items()}
     print(f"{device}, {args.images:,} images per epoch, batch 64, medians of {args.repeats}")
     print(f"{'network':<20} {'widths':<34} {'params':>7} {'MACs/img':>10} {'img/s':>8} {'GMAC/s':>7}")
     for name, spec in nets.items():
         rate = statistics.median(rates[name])
         widths = ",".join(map(str, _widths(spec)))
-        print(f"{name:<20} {widths:<34} {analyze(spec).n_params:>7,} {macs[name]:>10,} {rate:>8,.0f} "
+        print(f"{name:<20} {widths:<34} {analyses[name].n_params:>7,} {macs[name]:>10,} {rate:>8,.0f} "
               f"{rate * macs[name] / 1e9:>7.2f}")
     print("MACs per second, off-8 widths against multiples of 8 (under 1: slower per MAC):")
     for a, _, b, _ in pairs():
