@@ -1,15 +1,19 @@
 """How well does a trial's accuracy at an early epoch predict its accuracy at the last one?
 
     python benchmarks/fidelity.py [--nets 30] [--epochs 20] [--subset N] [--val N] [--seed 0] [--device auto]
-                                  [--floor 99.0]
+                                  [--floor 99.0] [--curves results/fidelity.csv]
 
-Draws `--nets` networks from the search space (random sampler, widths fitted to parameter targets spread from
-1,000 to 20,000 like a pareto search), trains each to the last epoch without pruning, and prints for every candidate
-rung (epoch) the Spearman rank correlation between validation accuracy at that epoch and at the last, for nets
-under and over 8,000 parameters, and all together. A rung is worth judging at when the correlation there is high:
-pruning at a rung with a low correlation throws away nets that would have ended well. Then the pareto search's floor
-stop replayed on the same curves: how many nets it stops at each epoch, and how many of them ended at or above the
-floor (wrong stops).
+Draws networks from the search space (random sampler, widths fitted to parameter targets spread from 1,000 to
+20,000 like a pareto search) and trains each to the last epoch without pruning, until `--nets` of them have; a net
+that the search's not-learning stop would end (under 50% validation after an epoch of 50,000 images) stops there
+and is counted apart: no rung decides its fate. Prints for every candidate rung (epoch) the Spearman rank
+correlation between validation accuracy at that epoch and at the last, for nets under and over 8,000 parameters,
+and all together. A rung is worth judging at when the correlation there is high: pruning at a rung with a low
+correlation throws away nets that would have ended well. Then the pareto search's floor stop replayed on the same
+curves: how many nets it stops at each epoch, and how many of them ended at or above the floor (wrong stops).
+
+Every net's curve goes to `--curves` as soon as it has trained, so a long run (about 100 minutes on 2 CPU cores)
+can be stopped with Ctrl-C and resumed by the same command; the draw is the same for one seed.
 """
 
 import argparse
@@ -28,17 +32,19 @@ from models.build import build  # noqa: E402
 from search.data import load_mnist  # noqa: E402
 from search.engine import fit, resolve_device, to_device  # noqa: E402
 from search.engine.runtime import set_cpu_threads  # noqa: E402
-from search.pruning import FLOOR_FROM_EPOCH, FLOOR_MARGIN, FLOOR_REFERENCES  # noqa: E402
+from search.pruning import (FLOOR_FROM_EPOCH, FLOOR_MARGIN, FLOOR_REFERENCES, NOT_LEARNING,  # noqa: E402
+                            NOT_LEARNING_IMAGES)
 from search.space import suggest  # noqa: E402
 
 SMALL = 8_000  # parameters: the split the issue asks about
 
 
-def draw_nets(n: int, epochs: int, seed: int):
-    """n distinct trainable (spec, config) pairs from the space, with parameter targets (pareto mode)."""
+def draw_nets(epochs: int, seed: int):
+    """An endless stream of distinct trainable (spec, config, parameters) from the space, with parameter targets
+    (pareto mode), always the same for one seed."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    nets, seen = [], set()
-    while len(nets) < n:
+    seen = set()
+    while True:
         trial = study.ask()
         try:
             spec, cfg = suggest(trial, epochs=epochs, seed=seed, param_target=True)
@@ -47,8 +53,7 @@ def draw_nets(n: int, epochs: int, seed: int):
         verdict = check(spec)
         if verdict.ok and verdict.receptive_field >= 12 and spec.to_json() not in seen:
             seen.add(spec.to_json())
-            nets.append((spec, cfg, verdict.n_params))
-    return nets
+            yield spec, cfg, verdict.n_params
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -59,7 +64,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--nets", type=int, default=30)
+    parser.add_argument("--nets", type=int, default=30, help="nets to train to the last epoch")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--subset", type=int, default=None, help="train on the first N training images")
     parser.add_argument("--val", type=int, default=None, help="evaluate on the first N validation images")
@@ -67,6 +72,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--floor", type=float, default=99.0, help="percent: the floor stop replayed at this floor")
+    parser.add_argument("--curves", default="results/fidelity.csv",
+                        help="CSV of the curves, one row per net, written after each net; nets already in it with "
+                             "the same --seed, --epochs, --subset and --val are not trained again (a stopped run "
+                             "resumes where it was)")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     device = resolve_device(args.device)
@@ -76,21 +85,33 @@ def main() -> None:
     train = mnist.train.head(args.subset) if args.subset else mnist.train
     val = mnist.val.head(args.val) if args.val else mnist.val
     data = (*to_device(train, device), *to_device(val, device))
+    draw = f"seed={args.seed} epochs={args.epochs} subset={len(train)} val={len(val)}"
+    curves_path = Path(args.curves)
+    stored = pd.read_csv(curves_path) if curves_path.exists() else pd.DataFrame()
+    done = {(int(r.net), r.spec) for r in stored[stored.draw == draw].itertuples()} if len(stored) else set()
     rows = []
     start = time.perf_counter()
-    for i, (spec, cfg, n_params) in enumerate(draw_nets(args.nets, args.epochs, args.seed)):
-        history = fit(build(spec), None, None, cfg, device=device, data_on_device=data, progress=False)
-        curve = [e.val_acc for e in history.epochs]
-        if history.status != "completed":
-            print(f"net {i}: {n_params:,} params, {history.status}; left out", flush=True)
-            continue
-        rows.append({"n_params": n_params, **{f"e{k + 1}": v for k, v in enumerate(curve)}})
-        print(f"net {i}: {n_params:,} params, {cfg.optimizer} lr {cfg.lr:.3g} bs {cfg.batch_size}: "
-              + " ".join(f"{v:.3f}" for v in curve), flush=True)
-    frame = pd.DataFrame(rows)
+    try:
+        for i, (spec, cfg, n_params) in enumerate(draw_nets(args.epochs, args.seed)):
+            if sum(r["status"] == "completed" for r in rows) >= args.nets:
+                break
+            if (i, spec.to_json()) in done:
+                rows.append(stored[(stored.draw == draw) & (stored.net == i)].iloc[0].to_dict())
+                continue
+            rows.append(train_one(i, spec, cfg, n_params, data, device, draw))
+            stored = pd.concat([stored, pd.DataFrame([rows[-1]])], ignore_index=True)
+            curves_path.parent.mkdir(parents=True, exist_ok=True)
+            stored.to_csv(curves_path, index=False)
+    except KeyboardInterrupt:
+        print(f"\nstopped; the nets trained so far are in {curves_path}, and the same command resumes")
+    frame = pd.DataFrame([r for r in rows if r["status"] == "completed"])
     last = f"e{args.epochs}"
-    print(f"\n{len(frame)} nets trained to epoch {args.epochs} on {len(train):,} images in "
-          f"{(time.perf_counter() - start) / 60:.1f} min ({device})")
+    n_stopped = sum(r["status"] == "not learning" for r in rows)
+    print(f"\n{len(frame)} of {args.nets} nets trained to epoch {args.epochs} on {len(train):,} images, {n_stopped} "
+          f"more stopped for not learning; {(time.perf_counter() - start) / 60:.1f} min in this run ({device}); "
+          f"curves in {curves_path}")
+    if len(frame) < 3:
+        return
     print("Spearman rank correlation of validation accuracy at each epoch with the last epoch's:")
     print(f"{'epoch':>5} {'under 8k':>9} {'8k and over':>12} {'all':>6}")
     groups = {"small": frame[frame.n_params < SMALL], "large": frame[frame.n_params >= SMALL], "all": frame}
@@ -100,6 +121,25 @@ def main() -> None:
         print(f"{epoch:>5} {rho['small']:>9.2f} {rho['large']:>12.2f} {rho['all']:>6.2f}")
     print(f"nets: {len(groups['small'])} under 8,000 parameters, {len(groups['large'])} at or over")
     floor_stop_check(frame, args.epochs, args.floor / 100)
+
+
+def train_one(i: int, spec, cfg, n_params: int, data: tuple, device, draw: str) -> dict:
+    """Train one net to its last epoch, or until the search's not-learning stop would end it; its row."""
+    n_train = len(data[1])
+
+    def not_learning(record) -> bool:  # the pareto search's stop (search/pruning.py), which no rung overrules
+        return record.epoch * n_train >= NOT_LEARNING_IMAGES and record.val_acc < NOT_LEARNING
+
+    history = fit(build(spec), None, None, cfg, device=device, data_on_device=data, progress=False,
+                  on_epoch=not_learning)
+    curve = [e.val_acc for e in history.epochs]
+    status = {"completed": "completed", "stopped": "not learning"}.get(history.status, history.status)
+    seconds = sum(e.seconds for e in history.epochs)
+    print(f"net {i}: {n_params:,} params, {cfg.optimizer} lr {cfg.lr:.3g} bs {cfg.batch_size}, {status}, "
+          f"{seconds / 60:.1f} min: " + " ".join(f"{v:.3f}" for v in curve), flush=True)
+    return {"draw": draw, "net": i, "n_params": n_params, "status": status, "seconds": round(seconds, 1),
+            "optimizer": cfg.optimizer, "lr": cfg.lr, "batch_size": cfg.batch_size,
+            **{f"e{k + 1}": v for k, v in enumerate(curve)}, "spec": spec.to_json()}
 
 
 def floor_stop_check(frame: pd.DataFrame, epochs: int, floor: float) -> None:
