@@ -5,7 +5,7 @@
 
 Draws networks from the search space (random sampler, widths fitted to parameter targets spread from 1,000 to
 20,000 like a pareto search) and trains each to the last epoch without pruning, until `--nets` of them have; a net
-that the search's not-learning stop would end (under 50% validation after an epoch of 50,000 images) stops there
+that the search's not-learning stop would end (under 50% validation once 50,000 images have trained) stops there
 and is counted apart: no rung decides its fate. Prints for every candidate rung (epoch) the Spearman rank
 correlation between validation accuracy at that epoch and at the last, for nets under and over 8,000 parameters,
 and all together. A rung is worth judging at when the correlation there is high: pruning at a rung with a low
@@ -34,7 +34,9 @@ from search.engine import fit, resolve_device, to_device  # noqa: E402
 from search.engine.runtime import set_cpu_threads  # noqa: E402
 from search.pruning import (FLOOR_FROM_EPOCH, FLOOR_MARGIN, FLOOR_REFERENCES, NOT_LEARNING,  # noqa: E402
                             NOT_LEARNING_IMAGES)
+from search.record import records  # noqa: E402
 from search.space import suggest  # noqa: E402
+from search.storage import default_storage_url, load_existing_study  # noqa: E402
 
 SMALL = 8_000  # parameters: the split the issue asks about
 
@@ -76,8 +78,18 @@ def main() -> None:
                         help="CSV of the curves, one row per net, written after each net; nets already in it with "
                              "the same --seed, --epochs, --subset and --val are not trained again (a stopped run "
                              "resumes where it was)")
+    parser.add_argument("--studies", nargs="+", default=None, metavar="STUDY",
+                        help="train nothing: read the curves of these stored searches' trials that trained every "
+                             "epoch (each spec and recipe once; from --results-dir) and print the same tables")
+    parser.add_argument("--results-dir", default="results")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.studies:
+        frame = stored_curves(args.studies, args.results_dir, args.epochs)
+        print(f"{len(frame)} distinct trials of {', '.join(args.studies)} that trained all {args.epochs} epochs on "
+              "the full training split (survivors of the searches' pruning, so mostly good nets)")
+        analyse(frame, args.epochs, args.floor / 100)
+        return
     device = resolve_device(args.device)
     if device.type == "cpu":
         set_cpu_threads(None)
@@ -105,30 +117,51 @@ def main() -> None:
     except KeyboardInterrupt:
         print(f"\nstopped; the nets trained so far are in {curves_path}, and the same command resumes")
     frame = pd.DataFrame([r for r in rows if r["status"] == "completed"])
-    last = f"e{args.epochs}"
     n_stopped = sum(r["status"] == "not learning" for r in rows)
     print(f"\n{len(frame)} of {args.nets} nets trained to epoch {args.epochs} on {len(train):,} images, {n_stopped} "
           f"more stopped for not learning; {(time.perf_counter() - start) / 60:.1f} min in this run ({device}); "
           f"curves in {curves_path}")
+    analyse(frame, args.epochs, args.floor / 100)
+
+
+def stored_curves(studies: list[str], results_dir: str, epochs: int) -> pd.DataFrame:
+    """Validation curves of the stored trials that trained every one of `epochs` epochs, each spec and recipe once."""
+    rows, seen = [], set()
+    for name in studies:
+        study = load_existing_study(name, default_storage_url(results_dir, name))
+        for r in records(study):
+            if r.epochs_trained != epochs or len(r.history) != epochs or r.key in seen:
+                continue
+            seen.add(r.key)
+            rows.append({"study": name, "number": r.number, "n_params": r.n_params,
+                         **{f"e{e['epoch']}": e["val_acc"] for e in r.history}})
+    return pd.DataFrame(rows)
+
+
+def analyse(frame: pd.DataFrame, epochs: int, floor: float) -> None:
+    """The rank correlation table and the floor stop's replay."""
     if len(frame) < 3:
         return
+    last = f"e{epochs}"
     print("Spearman rank correlation of validation accuracy at each epoch with the last epoch's:")
     print(f"{'epoch':>5} {'under 8k':>9} {'8k and over':>12} {'all':>6}")
     groups = {"small": frame[frame.n_params < SMALL], "large": frame[frame.n_params >= SMALL], "all": frame}
-    for epoch in range(1, args.epochs):
+    for epoch in range(1, epochs):
         col = f"e{epoch}"
         rho = {k: spearman(list(g[col]), list(g[last])) for k, g in groups.items()}
         print(f"{epoch:>5} {rho['small']:>9.2f} {rho['large']:>12.2f} {rho['all']:>6.2f}")
     print(f"nets: {len(groups['small'])} under 8,000 parameters, {len(groups['large'])} at or over")
-    floor_stop_check(frame, args.epochs, args.floor / 100)
+    floor_stop_check(frame, epochs, floor)
 
 
 def train_one(i: int, spec, cfg, n_params: int, data: tuple, device, draw: str) -> dict:
     """Train one net to its last epoch, or until the search's not-learning stop would end it; its row."""
-    n_train = len(data[1])
+    # The pareto search's not-learning stop (search/pruning.py), which no rung overrules, judged once: at the first
+    # epoch by which NOT_LEARNING_IMAGES images have trained (epoch 1 of the full split, epoch 5 of --subset 10000).
+    judge_at = math.ceil(NOT_LEARNING_IMAGES / len(data[1]))
 
-    def not_learning(record) -> bool:  # the pareto search's stop (search/pruning.py), which no rung overrules
-        return record.epoch * n_train >= NOT_LEARNING_IMAGES and record.val_acc < NOT_LEARNING
+    def not_learning(record) -> bool:
+        return record.epoch == judge_at and record.val_acc < NOT_LEARNING
 
     history = fit(build(spec), None, None, cfg, device=device, data_on_device=data, progress=False,
                   on_epoch=not_learning)

@@ -32,3 +32,19 @@ def test_fidelity_resumes_from_its_curves_file(data_root, tmp_path):
     assert "4 of 4 nets trained" in again
     assert list(pd.read_csv(curves).net) == [0, 1, 2, 3]
     assert list(pd.read_csv(curves).spec[:3]) == list(stored.spec)
+
+
+def test_fidelity_reads_the_full_length_curves_of_stored_searches(data_root, tmp_path):
+    from search.options import SearchOptions
+    from search.record import records
+    from search.study import run_search
+
+    opts = SearchOptions(trials=3, study="stored", results_dir=str(tmp_path), epochs=2, subset=500, pruner="none",
+                         data_dir=str(data_root), device="cpu")
+    full = [r for r in records(run_search(opts, log=lambda _: None).study) if r.epochs_trained == 2]
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--studies", "stored",
+                          "--results-dir", str(tmp_path), "--epochs", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"{len(full)} distinct trials of stored that trained all 2 epochs")
+    assert ("Spearman rank correlation" in out.stdout) == (len(full) >= 3)
