@@ -2,6 +2,7 @@
 
     python benchmarks/fidelity.py [--nets 30] [--epochs 20] [--subset N] [--val N] [--seed 0] [--device auto]
                                   [--floor 99.0] [--curves results/fidelity.csv]
+    python benchmarks/fidelity.py --studies STUDY [STUDY ...] [--results-dir results] [--epochs 20]
 
 Draws networks from the search space (random sampler, widths fitted to parameter targets spread from 1,000 to
 20,000 like a pareto search) and trains each to the last epoch without pruning, until `--nets` of them have; a net
@@ -12,8 +13,9 @@ and all together. A rung is worth judging at when the correlation there is high:
 correlation throws away nets that would have ended well. Then the pareto search's floor stop replayed on the same
 curves: how many nets it stops at each epoch, and how many of them ended at or above the floor (wrong stops).
 
-Every net's curve goes to `--curves` as soon as it has trained, so a long run (about 100 minutes on 2 CPU cores)
-can be stopped with Ctrl-C and resumed by the same command; the draw is the same for one seed.
+Every net's curve goes to `--curves` as soon as it has trained, so a long run (hours on 2 CPU cores on all 50,000
+images: docs/search.md) can be stopped with Ctrl-C and resumed by the same command; the draw is the same for one seed.
+`--studies A B ...` trains nothing and reads the full-length curves of stored searches instead.
 """
 
 import argparse
@@ -86,8 +88,8 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.studies:
         frame = stored_curves(args.studies, args.results_dir, args.epochs)
-        print(f"{len(frame)} distinct trials of {', '.join(args.studies)} that trained all {args.epochs} epochs on "
-              "the full training split (survivors of the searches' pruning, so mostly good nets)")
+        print(f"{len(frame)} distinct trials of {', '.join(args.studies)} that trained all {args.epochs} epochs "
+              "(survivors of the searches' pruning, so mostly good nets)")
         analyse(frame, args.epochs, args.floor / 100)
         return
     device = resolve_device(args.device)
