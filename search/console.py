@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from models.rules import RULES
 from search.record import Outcome, TrialRecord, best, count_trained, leaderboard, outcome_counts
 from search.storage import describe_storage
 
@@ -65,9 +66,12 @@ def print_verdict(result: dict, seeds: int) -> None:
     for rule in result["rules"]:
         table.add_row(rule["rule"], rule["figure"], "[green]PASS[/]" if rule["pass"] else "[red]FAIL[/]")
     console.print(table)
-    per_seed = ", ".join(f"seed {r['seed']}: {r['final_test_acc']:.2%}" for r in result["seeds"])
+    target = result.get("target")
+    per_seed = ", ".join(f"seed {r['seed']}: {RULES.accuracy_text(r['final_test_acc'], target)}"
+                         for r in result["seeds"])
     if seeds > 1:
-        per_seed += f"; mean {result['final_test_acc_mean']:.2%} +- {result['final_test_acc_std']:.2%} (sample sd)"
+        per_seed += (f"; mean {RULES.accuracy_text(result['final_test_acc_mean'], target)} "
+                     f"+- {result['final_test_acc_std']:.2%} (sample sd)")
     reached = (f"; {result['seeds_reaching_target']} of {seeds} seed{'s' if seeds > 1 else ''} reached "
                f"{result['target']:.2%}" if result.get("target") is not None else "")
     console.print(f"final-epoch test accuracy {per_seed}{reached}", highlight=False)
@@ -83,5 +87,6 @@ def print_front(summary: dict) -> None:
     for e in summary["entries"]:
         rules = "[green]all PASS[/]" if e["certified"] else "[red]FAIL: " + "; ".join(e["failed_rules"]) + "[/]"
         table.add_row(str(e["trial"]), f"{e['n_params']:,}", f"{e['val_acc']:.2%}",
-                      f"{e['test_acc_mean']:.2%} +- {e['test_acc_std']:.2%}", rules)
+                      f"{RULES.accuracy_text(e['test_acc_mean'], summary.get('target'))} +- {e['test_acc_std']:.2%}",
+                      rules)
     console.print(table)

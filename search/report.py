@@ -392,7 +392,8 @@ def render(data: ReportData, study: optuna.Study) -> str:  # long: the page's se
     if data.front_certified and data.front_certified.get("entries"):
         fc = data.front_certified
         rows = [{"trial": e["trial"], "parameters": f"{e['n_params']:,}", "validation": f"{e['val_acc']:.2%}",
-                 "test (mean +- sd)": f"{e['test_acc_mean']:.2%} +- {e['test_acc_std']:.2%}",
+                 "test (mean +- sd)": f"{RULES.accuracy_text(e['test_acc_mean'], fc.get('target'))} "
+                                      f"+- {e['test_acc_std']:.2%}",
                  "rules": "all pass" if e["certified"] else "fails: " + "; ".join(e["failed_rules"])}
                 for e in fc["entries"]]
         parts.append(f"<section id='certified-front'><h2>The certified front (cli.py best --front): "

@@ -235,7 +235,8 @@ def certify(c: Certifiable, *, seeds: int = 3, data_dir: str | None = None, devi
     finals = [r["final_test_acc"] for r in runs]
     mean = statistics.fmean(finals)
     std = statistics.stdev(finals) if len(finals) > 1 else 0.0
-    figure = f"{mean:.2%} +- {std:.2%}" if seeds > 1 else f"{mean:.2%} (one seed: no spread)"
+    shown = RULES.accuracy_text(mean, target)
+    figure = f"{shown} +- {std:.2%}" if seeds > 1 else f"{shown} (one seed: no spread)"
     if target is None:  # judged only against a target someone gave
         accuracy = {"rule": f"final-epoch test accuracy (mean of {seeds}; no target for {data_set.name}: not judged)",
                     "figure": figure, "pass": True}

@@ -166,3 +166,14 @@ def test_export_fails_and_says_by_how_much_when_a_file_disagrees(certified_micro
     assert code == 1 and "the onnx network's test accuracy 50.0000% differs from the checkpoint's" in out
     code, out = run("export", "--results-dir", tmp_path / "none", "--data-dir", data_root)
     assert code == 2 and "no certificate under" in out
+
+
+def test_a_mean_that_rounds_to_the_target_but_falls_short_shows_the_third_digit():
+    from models.rules import RULES
+
+    # The CPU certificate of micro: seeds 99.40, 99.44, 99.35% -> mean 99.3967%, a FAIL that "99.40%" would hide.
+    assert RULES.accuracy_text(0.993967, 0.994) == "99.397%"
+    assert RULES.accuracy_text(0.9941, 0.994) == "99.41%"
+    assert RULES.accuracy_text(0.994, 0.994) == "99.40%"  # at the target: passes, two digits say so
+    assert RULES.accuracy_text(0.9931, 0.994) == "99.31%"
+    assert RULES.accuracy_text(0.993967, None) == "99.40%"  # no target, nothing to hide
