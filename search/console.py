@@ -73,7 +73,7 @@ def print_verdict(result: dict, seeds: int) -> None:
         per_seed += (f"; mean {RULES.accuracy_text(result['final_test_acc_mean'], target)} "
                      f"+- {result['final_test_acc_std']:.2%} (sample sd)")
     reached = (f"; {result['seeds_reaching_target']} of {seeds} seed{'s' if seeds > 1 else ''} reached "
-               f"{result['target']:.2%}" if result.get("target") is not None else "")
+               f"{target:.2%}" if target is not None else "")
     console.print(f"final-epoch test accuracy {per_seed}{reached}", highlight=False)
 
 
