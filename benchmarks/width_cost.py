@@ -3,10 +3,11 @@
     python benchmarks/width_cost.py [--images 12800] [--repeats 3] [--device auto]
 
 Trains pairs of networks of the same layout, one with widths in multiples of 8 and one with narrower or odd widths
-(a pareto search draws widths in steps of 2 from 4, an accuracy search multiples of 8: search/space.py), for one epoch on `--images` training images at
-batch 64 in the engine's default precision, interleaved, `--repeats` times. Prints per network its MACs per image,
-images per second and MACs per second (medians), and per pair the ratio of MACs per second: a ratio under 1 is what
-the off-8 widths cost per MAC. A search pays it in time per trial, not in accuracy.
+(a pareto search draws widths in steps of 2 from 4, an accuracy search multiples of 8: search/space.py), for one
+epoch on `--images` training images at batch 64 in the engine's default precision, interleaved, `--repeats` times.
+Prints per network its MACs per image, images per second and MACs per second (medians), and per pair the ratio of
+MACs per second: a ratio under 1 is what the off-8 widths cost per MAC. A search pays it in time per trial, not in
+accuracy.
 """
 
 import argparse
