@@ -222,19 +222,15 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
             + (f", trial {source} shrunk to {trial.user_attrs.get('shrink')} of its parameters"
                if (source := trial.user_attrs.get("shrunk_from")) is not None else "")
             + f" [trained trial {count_trained(trial.study)} of {opts.trials}]")
-    fault = opts.faults.get(trial.number)  # a test's injected failure
-    if fault == "nan":
-        cfg = TrainConfig(**{**cfg.to_dict(), "lr": 1e6, "optimizer": "sgd"})
     so_far: list[dict] = []
     stop_reason: list[str] = []  # why the floor stop ended it (the default reason otherwise)
 
     def on_epoch(record) -> bool:
-        if fault == "exception":
-            raise RuntimeError("injected fault (test hook)")
-        if fault == "oom":
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test hook)")
         so_far.append(asdict(record))
         w.epochs(so_far)
+        left_s = record.seconds * (cfg.epochs - record.epoch)  # if the remaining epochs take as long as this one
+        ctx.log(f"trial {trial.number}: epoch {record.epoch}/{cfg.epochs}, validation {record.val_acc:.2%}, "
+                f"{record.seconds:.1f} s" + (f", about {left_s:.0f} s left" if record.epoch < cfg.epochs else ""))
         last = record.epoch >= cfg.epochs  # trained in full: it completes, whatever a pruner would say of it now
         if not pareto:
             trial.report(record.val_acc, record.epoch)
@@ -262,7 +258,7 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
         raise
     except Exception as exc:
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if "out of memory" in str(exc).lower():
+        if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):  # CUDA's allocator, or Python's
             reason = "out of memory: " + reason
         w.set_constraint(1)  # a failed trial is never the best
         w.close(Outcome.FAILED, reason, wall_s=time.perf_counter() - start)

@@ -54,7 +54,6 @@ class SearchOptions:
     threads: int | None = None  # torch CPU threads for this process; default: cores / jobs
     heartbeat: tuple[int, int] = HEARTBEAT  # seconds: heartbeat interval, grace before a silent trial is failed
     worker: str = field(default_factory=this_worker)  # host:pid; tests play a worker on another machine
-    faults: dict[int, str] = field(default_factory=dict)  # tests: trial number -> "exception", "nan" or "oom"
 
     def __post_init__(self) -> None:
         def bad(name, limit):

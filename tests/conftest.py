@@ -11,6 +11,29 @@ sys.path.insert(0, str(ROOT))
 DATA_ROOT = Path(os.environ.get("BUDGETNAS_DATA") or ROOT.parent / "shared" / "datasets")
 
 
+@pytest.fixture(autouse=True)
+def process_settings_restored():
+    """Each test leaves torch's process-wide settings as it found them (thread count, default dtype, grad mode), so
+    that no result depends on the order tests run in."""
+    import torch
+
+    threads, dtype, grad = torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)
+
+
+@pytest.fixture
+def float64():
+    """Within the test, new tensors and modules are float64: two paths that run the same ops then agree to about
+    1e-15 on any CPU, so an equivalence test can use a tight tolerance that float32's summation order would break."""
+    import torch
+
+    torch.set_default_dtype(torch.float64)
+    yield torch.float64  # process_settings_restored puts float32 back
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     if not (DATA_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():

@@ -108,8 +108,9 @@ def test_fashion_mnist_from_debians_package_end_to_end(tmp_path):
     assert code == 0 and "data fashion-mnist" in (tmp_path / "fashion" / "report.html").read_text()
 
 
-def test_a_study_made_before_datasets_opens_as_mnist(tmp_path, data_root):
+def test_a_study_made_before_datasets_opens_as_mnist(tmp_path, data_root, inverted):
     from search.options import SearchOptions
+    from search.storage import SearchError
     from search.study import run_search
 
     opts = SearchOptions(trials=1, study="old", results_dir=str(tmp_path), epochs=1, subset=500,
@@ -120,9 +121,9 @@ def test_a_study_made_before_datasets_opens_as_mnist(tmp_path, data_root):
     study.set_user_attr("setup", setup)
     more = run_search(SearchOptions(**{**opts.__dict__, "trials": 2}), log=lambda line: None)
     assert more.trained == 2
-    with pytest.raises(Exception, match="dataset was 'mnist', now 'fashion-mnist'"):
-        run_search(SearchOptions(**{**opts.__dict__, "trials": 3, "dataset": "fashion-mnist",
-                                    "data_dir": str(FASHION)}), log=lambda line: None)
+    with pytest.raises(SearchError, match="dataset was 'mnist', now 'idx'"):  # another set: refused as before
+        run_search(SearchOptions(**{**opts.__dict__, "trials": 3, "dataset": "idx", "data_dir": str(inverted)}),
+                   log=lambda line: None)
 
 
 def _free_port() -> int:

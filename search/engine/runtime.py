@@ -42,9 +42,14 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 dot products in hardware (AVX512-BF16 or AMX), from /proc/cpuinfo."""
     try:
         with open("/proc/cpuinfo") as info:
-            flags = next((line for line in info if line.startswith("flags")), "").split()
+            return flags_have_native_bf16(next((line for line in info if line.startswith("flags")), ""))
     except OSError:
         return False
+
+
+def flags_have_native_bf16(flags_line: str) -> bool:
+    """Whether a /proc/cpuinfo "flags" line names a bfloat16 dot-product unit (AVX512-BF16 or AMX-BF16)."""
+    flags = flags_line.partition(":")[2].split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

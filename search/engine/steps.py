@@ -79,7 +79,9 @@ def batch_loss(model: nn.Module, criterion: nn.Module, x_train: torch.Tensor, y_
         xb = xb.contiguous(memory_format=torch.channels_last)
     with autocast(xb.device, bf16):
         logits = model(xb)
-        loss = criterion(logits.float(), yb)
+        # The loss in float32 at least (bfloat16 logits lose the small differences it is made of); a float64 model
+        # keeps float64, so that the engine's paths can be compared to 1e-9 (tests/test_train.py).
+        loss = criterion(logits.to(torch.promote_types(logits.dtype, torch.float32)), yb)
     return logits, loss, yb
 
 
