@@ -3,15 +3,13 @@
 Two ways in:
 - `analyze(spec)` / `check(spec)`: arithmetic on a `NetSpec`, no torch, so a candidate is judged before anything
   is built or trained;
-- `check_module(module)`: any `torch.nn.Module`, ours or a user's. Parameters come from the module itself, Linear
-  layers from its submodules, and fully connected operations done functionally in `forward` (`F.linear`,
-  `x @ w`, `torch.mm`, `einsum`, ...) from a trace of the forward pass: torch.fx's symbolic trace, or, for a
-  forward with data-dependent control flow, the ATen ops recorded while running it.
+- `check_module(module)`: any `torch.nn.Module`, ours or a user's, judged by what its forward computes: every aten
+  op it applies to activations must be one the checker knows to be local, anything else is refused (deny by default,
+  models/verdict.py and docs/verdict.md); every tensor the forward uses as a weight counts, registered or not.
 """
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 from models.rules import RULES
@@ -50,7 +48,7 @@ class Verdict:
     def summary(self) -> str:
         if self.ok:
             return (f"PASS: {self.n_params:,} parameters, under the {self.max_params:,} budget; no fully connected "
-                    "layer (Linear, matmul, or a conv over a whole map)")
+                    "layer (every operation on activations is a known local one: docs/verdict.md)")
         return "REFUSED: " + "; ".join(self.reasons)
 
 
@@ -111,113 +109,7 @@ def check(spec: NetSpec, max_params: int = RULES.max_params) -> Verdict:
 
 
 # ---- any nn.Module ----------------------------------------------------------------------------
-
-def _functional_fc_targets() -> tuple[set, set]:
-    import torch
-    import torch.nn.functional as F
-
-    functions = {F.linear, F.bilinear, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.addbmm,
-                 torch.baddbmm, torch.addmv, torch.mv, torch.einsum, torch.tensordot, torch.inner,
-                 torch.chain_matmul, torch.linalg.matmul, torch.linalg.multi_dot, operator.matmul,
-                 operator.imatmul}
-    methods = {"matmul", "mm", "bmm", "addmm", "addmm_", "baddbmm", "addbmm", "addmv", "mv", "__matmul__",
-               "__rmatmul__", "inner"}
-    return functions, methods
-
-
-# ATen ops that a fully connected layer lowers to (convolutions lower to aten.convolution, never to these).
-_ATEN_FC = {"linear", "mm", "bmm", "addmm", "matmul", "baddbmm", "addbmm", "addmv", "mv", "einsum", "bilinear",
-            "_trilinear", "tensordot", "inner"}
-
-
-def _fx_fc_ops(module) -> list[str]:
-    """Fully connected operations applied to data in forward, found with torch.fx; raises if untraceable."""
-    import torch.fx
-
-    graph = torch.fx.symbolic_trace(module).graph
-    functions, methods = _functional_fc_targets()
-    data_nodes: set = set()  # nodes whose value depends on the input
-    found = []
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            data_nodes.add(node)
-            continue
-        inputs = set(node.all_input_nodes)
-        if inputs & data_nodes:
-            data_nodes.add(node)
-            is_fc = (node.op == "call_function" and node.target in functions) or (
-                node.op == "call_method" and node.target in methods)
-            if is_fc:
-                name = getattr(node.target, "__name__", str(node.target))
-                found.append(f"'{name}' in forward (node {node.name}), a fully connected operation on activations")
-    return found
-
-
-def _spatial_extent(t) -> int:
-    """Positions in a 4-D (N, C, H, W) activation's map; 1 for anything that has none left."""
-    return int(t.shape[-2] * t.shape[-1]) if t.dim() == 4 else 1
-
-
-def _dispatch_scan(module, example) -> tuple[list[str], list[str]]:
-    """Run forward once, recording its ATen ops on activations (works through data-dependent control flow).
-
-    Returns (fully connected ops such as mm/linear, convs that are fully connected layers in disguise): a conv
-    whose kernel spans its whole input map (more than one position), and a conv on a map whose positions were
-    reshaped into channels (view/reshape/flatten to a 1x1 map or to no map, nothing reduced).
-    """
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    linear_ops: list[str] = []
-    disguised: list[str] = []
-    data: dict[int, torch.Tensor] = {id(example): example}  # activations: tensors computed from the input
-    flattened: set[int] = set()  # activations whose positions went into channels, and what was computed from them
-    convs = 0
-
-    class Recorder(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            nonlocal convs
-            out = func(*args, **(kwargs or {}))
-            inputs = [a for a in tree_flatten((args, kwargs or {}))[0] if isinstance(a, torch.Tensor)]
-            data_inputs = [a for a in inputs if id(a) in data]
-            if not data_inputs:
-                return out
-            name = getattr(getattr(func, "_overloadpacket", None), "__name__", "")
-            if name in _ATEN_FC and name not in linear_ops:
-                linear_ops.append(name)
-            if name == "convolution":
-                convs += 1
-                x, weight = args[0], args[1]
-                dilation = args[5] if len(args) > 5 else (1, 1)
-                span = [d * (k - 1) + 1 for d, k in zip(dilation, weight.shape[-2:])]
-                if id(x) in flattened:
-                    disguised.append(f"conv {convs} (a {weight.shape[-2]}x{weight.shape[-1]} conv on "
-                                     f"{x.shape[1]:,} channels) runs on a map whose positions were reshaped into "
-                                     "channels: a fully connected layer")
-                elif _spatial_extent(x) > 1 and span[0] >= x.shape[-2] and span[1] >= x.shape[-1]:
-                    disguised.append(f"conv {convs} has a {weight.shape[-2]}x{weight.shape[-1]} kernel over its whole "
-                                     f"{x.shape[-2]}x{x.shape[-1]} input map: every output sees every input "
-                                     "position, a fully connected layer")
-            outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
-            moved_positions = name in ("view", "_unsafe_view", "reshape", "flatten", "pixel_unshuffle") and any(
-                _spatial_extent(a) > 1 and all(_spatial_extent(o) == 1 and o.numel() == a.numel() for o in outs)
-                for a in data_inputs)
-            for o in outs:
-                data[id(o)] = o  # kept alive, so that an id is never reused for another tensor during the pass
-                if moved_positions or any(id(a) in flattened for a in data_inputs):
-                    flattened.add(id(o))
-            return out
-
-    was_training = module.training
-    try:
-        module.eval()
-        with torch.no_grad(), Recorder():
-            module(example)
-    finally:
-        module.train(was_training)
-    return ([f"'{name}' in forward (seen running it), a fully connected operation on activations"
-             for name in linear_ops], disguised)
+# What its forward computes is judged op by op in models/verdict.py (deny by default; docs/verdict.md).
 
 
 def module_table(module, input_shape=(1, 1, 28, 28)) -> tuple[list[LayerRow], tuple[int, ...]]:
@@ -243,10 +135,12 @@ def module_table(module, input_shape=(1, 1, 28, 28)) -> tuple[list[LayerRow], tu
 
     handles = [m.register_forward_hook(hook(n)) for n, m in module.named_modules() if not list(m.children())]
     was_training = module.training
+    first = next((t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None)
+    like = {"device": first.device, "dtype": first.dtype} if first is not None else {}
     try:
         module.eval()
         with torch.no_grad():
-            out = module(torch.zeros(input_shape))
+            out = module(torch.zeros(input_shape, **like))
     finally:
         module.train(was_training)
         for h in handles:
@@ -256,11 +150,10 @@ def module_table(module, input_shape=(1, 1, 28, 28)) -> tuple[list[LayerRow], tu
 
 def check_module(module, input_shape=(1, 1, 28, 28), max_params: int = RULES.max_params,
                  num_classes: int | None = 10) -> Verdict:
-    """Judge any nn.Module: budget, Linear-family submodules, functional FC ops in forward, output shape."""
+    """Judge any nn.Module: every op its forward applies to activations must be a known local one (models/verdict.py,
+    deny by default), every weight the forward uses counts (parameters, and buffers, lists or closures used as
+    weights), Linear-family submodules are named, and the output must be `num_classes` logits."""
     import torch
-    from torch import nn
-
-    reasons: list[str] = []
     from torch.nn.parameter import is_lazy
 
     if any(is_lazy(p) for p in module.parameters()):  # LazyLinear & co. only have a size after a first forward
@@ -269,26 +162,34 @@ def check_module(module, input_shape=(1, 1, 28, 28), max_params: int = RULES.max
                 module.eval()(torch.zeros(input_shape))
         except Exception as exc:
             return Verdict(False, 0, max_params, (f"lazy parameters could not be initialised by a forward pass: {exc}",))
-    n_params = sum(p.numel() for p in module.parameters())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and on a loaded CPU many times faster
+    try:
+        return _check_module(module, input_shape, max_params, num_classes)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_module(module, input_shape, max_params: int, num_classes: int | None) -> Verdict:
+    from torch import nn
+
+    from models.verdict import judge_forward
+
+    reasons: list[str] = []
+    judgement = judge_forward(module, input_shape)
+    n_params = sum(p.numel() for p in module.parameters()) + judgement.extra
     budget = _budget_reason(n_params, max_params)
     if budget:
+        if judgement.extra:
+            shown = judgement.extra_labels[:3] + ([f"{len(judgement.extra_labels) - 3} more"]
+                                                  if len(judgement.extra_labels) > 3 else [])
+            budget += (f"; {judgement.extra:,} of them in tensors the forward uses as weights that are not registered "
+                       f"parameters (buffers, plain lists, closures): {', '.join(shown)}")
         reasons.append(budget)
     for name, sub in module.named_modules():
         if isinstance(sub, (nn.Linear, nn.Bilinear)):  # LazyLinear and quantizable variants subclass Linear
             reasons.append(f"layer '{name or type(module).__name__}' is a {type(sub).__name__}, a fully connected layer")
-
-    try:
-        seen_linear, disguised = _dispatch_scan(module, torch.zeros(input_shape))
-    except Exception as exc:
-        seen_linear, disguised = [], []
-        reasons.append("forward could not be run, so fully connected operations cannot be ruled out: "
-                       f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-    try:
-        fc_ops = _fx_fc_ops(module)  # names the forward's node; sees branches a zero input does not take
-    except Exception:  # data-dependent control flow and the like: the ops of the real forward pass instead
-        fc_ops = seen_linear
-    reasons.extend(fc_ops)
-    reasons.extend(disguised)
+    reasons.extend(judgement.reasons)
 
     rows: list[LayerRow] = []
     macs = None
@@ -298,6 +199,7 @@ def check_module(module, input_shape=(1, 1, 28, 28), max_params: int = RULES.max
         if num_classes is not None and out_shape != (input_shape[0], num_classes):
             reasons.append(f"output shape {out_shape}, expected ({input_shape[0]}, {num_classes}) logits")
     except Exception as exc:
-        reasons.append(f"forward on an input of shape {tuple(input_shape)} failed: {type(exc).__name__}: {exc}")
+        if not judgement.raised:  # else said once already, by the judgement
+            reasons.append(f"forward on an input of shape {tuple(input_shape)} failed: {type(exc).__name__}: {exc}")
     analysis = Analysis(tuple(rows), n_params, None, macs or 0)
     return Verdict(not reasons, n_params, max_params, tuple(reasons), None, macs, analysis)
