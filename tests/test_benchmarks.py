@@ -51,3 +51,38 @@ def test_fidelity_reads_the_full_length_curves_of_stored_searches(data_root, tmp
     assert out.stdout.startswith(f"{len(full)} distinct trials of stored that trained all 2 epochs")
     # baseline (19,674 parameters), small (7,860), tiny (5,106)
     assert "Spearman rank correlation" in out.stdout and "nets: 2 under 8,000 parameters, 1 at or over" in out.stdout
+
+
+def run_recipe(data_root, runs, limit: int) -> str:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "recipe.py"), "--runs", str(runs), "--epochs",
+                          "1", "--subset", "256", "--val", "256", "--limit", str(limit), "--device", "cpu",
+                          "--data-dir", str(data_root)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_recipe_benchmark_screens_in_order_and_resumes_without_training_a_run_twice(data_root, tmp_path):
+    from benchmarks.recipe import FACTORS, LAYOUTS, planned_runs, recipe_name
+
+    runs = tmp_path / "runs.csv"
+    first = run_recipe(data_root, runs, limit=4)
+    stored = pd.read_csv(runs)
+    # The default recipe on each of the three layouts first, then the first variant on the 3,702-parameter one.
+    assert list(zip(stored.layout, stored.recipe)) == [("p3702", "default"), ("p2510", "default"),
+                                                         ("micro", "default"), ("p3702", "lr=0.05")]
+    assert list(stored.n_params) == [3_702, 2_510, 4_582, 3_702] and set(stored.status) == {"completed"}
+    assert stored.e1.between(0, 1).all() and (stored.final_val_acc == stored.e1).all()
+    assert "4 runs trained" in first and "vs_default" in first
+    again = run_recipe(data_root, runs, limit=1)
+    resumed = pd.read_csv(runs)
+    assert list(resumed.recipe[:4]) == list(stored.recipe) and list(resumed.wall_s[:4]) == list(stored.wall_s)
+    assert resumed.recipe[4] == "lr=0.2" and "1 runs trained" in again and "5 stored" in again
+    # Once a layout's screening is complete, its confirmation runs the default and each winner with more seeds.
+    screened = [{"layout": layout, "recipe": recipe_name(changes), "seed": 0,
+                 "final_val_acc": 0.99 if changes == {"lr": 0.2} else 0.98}
+                for layout, changes, _ in planned_runs(pd.DataFrame(), seeds=3)]
+    plan = planned_runs(pd.DataFrame(screened), seeds=3)
+    confirm = [(layout, recipe_name(changes), seed) for layout, changes, seed in plan[len(screened):]]
+    assert len(screened) == len(LAYOUTS) * (1 + sum(map(len, FACTORS.values())))
+    assert confirm[:6] == [("p3702", "default", 0), ("p3702", "default", 1), ("p3702", "default", 2),
+                           ("p3702", "lr=0.2", 0), ("p3702", "lr=0.2", 1), ("p3702", "lr=0.2", 2)]
