@@ -154,7 +154,7 @@ def test_interrupted_search_resumes_to_n_and_not_more(tmp_path, data_root):
     assert count_trained(study) == 3
     retry = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == interrupted[0].number]
     assert len(retry) == 1 and retry[0].params == interrupted[0].params
-    assert retry[0].user_attrs["outcome"] in ("completed", "pruned")
+    assert retry[0].user_attrs["outcome"] == "completed"  # no pruner: it trained every epoch
 
 
 def test_pareto_search_stores_accuracy_and_parameters(tmp_path, data_root):
