@@ -6,7 +6,6 @@ Exit codes: 0 success, 1 refused (a network over the budget, a failed certificat
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -72,12 +71,16 @@ def _load_target(target: str):
 
 
 @app.command()
-def check(target: Annotated[str, typer.Argument(help="A preset name, a spec JSON file, or path/to/file.py:ClassName.")],
+def check(target: Annotated[str, typer.Argument(help=(
+              "A preset name, a spec JSON file, or path/to/file.py:ClassName. A module target is imported, and so "
+              "RUN: check only files you would run anyway; an import that raises or exits is refused (exit 2)."))],
           max_params: MaxParams = RULES.max_params) -> None:
-    """Count parameters, receptive field and MACs per layer, and judge the network against the rules."""
+    """Count parameters, receptive field and MACs per layer, and judge the network against the rules.
+
+    `check path/to/file.py:ClassName` imports that file, running its code, and instantiates the class."""
     from models.budget import check as check_spec, check_module
     from models.build import build
-    from models.spec import NetSpec
+    from models.spec import MAX_BUILT_PARAMS, NetSpec
     from search.console import print_layer_table
     from search.data import MNIST_CLASSES
     from search.options import MIN_RF
@@ -85,9 +88,10 @@ def check(target: Annotated[str, typer.Argument(help="A preset name, a spec JSON
     net = _load_target(target)
     if isinstance(net, NetSpec):
         verdict = check_spec(net, max_params)
-        module_verdict = check_module(build(net), max_params=max_params, num_classes=MNIST_CLASSES)
-        if module_verdict.ok != verdict.ok or module_verdict.n_params != verdict.n_params:  # defence in depth
-            verdict = module_verdict
+        if verdict.n_params <= MAX_BUILT_PARAMS:  # a larger spec is judged on its count alone, never allocated
+            module_verdict = check_module(build(net), max_params=max_params, num_classes=MNIST_CLASSES)
+            if module_verdict.ok != verdict.ok or module_verdict.n_params != verdict.n_params:  # defence in depth
+                verdict = module_verdict
     else:
         verdict = check_module(net, max_params=max_params, num_classes=MNIST_CLASSES)
     print_layer_table(verdict.analysis, f"{target}")
@@ -324,10 +328,15 @@ def _certify_all(chosen, *, seeds, data_dir, device, results_dir, max_params, ta
     log = lambda line: console.print(line, highlight=False, markup=False)  # noqa: E731
     certs: list[tuple[dict, bool]] = []
     for c in chosen:
-        reused = reusable_certificate(results_dir, c, seeds, target, max_params) if reuse else None
+        reused, why_not = (reusable_certificate(results_dir, c, seeds, target, max_params, data_dir) if reuse
+                           else (None, None))
+        if why_not:
+            err.print(Text.assemble(("warning: ", "bold yellow"), f"{c.label()}: its certificate is not reused, its "
+                                    f"evidence does not bear it out: {why_not}; certifying again"))
         if reused:
-            console.print(f"{c.label()}: certified before with the same network, recipe and seeds; its certificate is "
-                          "reused", highlight=False)
+            console.print(f"{c.label()}: certified before with the same network, recipe and seeds, and its "
+                          "checkpoints bear it out (digests, the rules judged again, the test accuracy measured "
+                          "again); its certificate is reused", highlight=False)
             certs.append((reused, True))
             continue
         val = f", validation {c.val_acc:.2%}" if c.val_acc is not None else ""
@@ -519,40 +528,42 @@ def export(
                                                        "<results>/certified/].")] = None,
     seed: Annotated[Optional[int], typer.Option(callback=bounded(0), help="The seed's checkpoint to export [default: "
                                                 "the one with the best final test accuracy].")] = None,
+    module: Annotated[Optional[str], typer.Option(help="path/to/file.py:Class, for the certificate of a module of "
+                                                  "one's own: imported (and so run) only when named here, and only if "
+                                                  "its source has the sha256 the certificate recorded [default: "
+                                                  "none, which a spec's certificate needs].")] = None,
     out: Annotated[Optional[str], typer.Option(help="Folder for the files [default: export/ beside the "
                                                "certificate].")] = None,
     data_dir: DataDir = None,
     results_dir: Annotated[str, typer.Option(help="Where certificates are.")] = "results",
 ) -> None:
     """ONNX and TorchScript files of a certified network, BatchNorm folded into the convs, each checked on the
-    10,000 test images against the checkpoint; and a model card, MODEL.md."""
+    10,000 test images against the checkpoint; and a model card, MODEL.md. The certificate is verified first
+    against its checkpoints (digests, spec, config, the rules judged again, every seed's test accuracy measured
+    again): a disagreement is exit 1 naming the field, with nothing written."""
+    from models.load import TargetError
+    from search.certificate import CertificateError, CheckpointError, EvidenceMismatch
     from search.data import DataError, check_data_root
-    from search.export import ExportError, export as export_network, latest_certificate
+    from search.export import ExportError, export as export_network, latest_certificate, prepare
     from search.fsio import UnwritablePath, check_writable
-    from search.retrain import CheckpointError
 
     try:
         check_data_root(data_dir)
         path = Path(certificate) if certificate else latest_certificate(results_dir)
-        if not path.is_file():
-            raise ExportError(f"{path}: no such certificate")
-        cert = json.loads(path.read_text())
-        if not isinstance(cert, dict) or "seeds" not in cert or "rules" not in cert:
-            raise ExportError(f"{path}: not a budgetnas certificate (no seeds and rules)")
+        prepare(path, seed, module)
         check_writable(Path(out) if out else path.parent / "export")
-    except (DataError, ExportError, UnwritablePath, json.JSONDecodeError) as exc:
-        raise fail(str(exc) if not isinstance(exc, json.JSONDecodeError) else f"{certificate}: not JSON ({exc})") from None
-    failed = [r["rule"] for r in cert["rules"] if not r["pass"]]
-    if failed:
-        err.print(Text.assemble(("warning: ", "bold yellow"), f"{cert.get('name', path.parent.name)} fails "
-                                f"{'; '.join(failed)}; exported anyway, and its card says so"))
-    try:
-        result = export_network(path, Path(out) if out else None, data_dir, seed,
+        result = export_network(path, Path(out) if out else None, data_dir, seed, module_target=module,
                                 log=lambda line: console.print(line, highlight=False, markup=False))
+    except EvidenceMismatch as exc:
+        raise fail(f"{path}: {exc}; nothing written", code=1) from None
     except ExportError as exc:
         raise fail(str(exc), code=1) from None
-    except (CheckpointError, DataError) as exc:
+    except (DataError, CertificateError, CheckpointError, TargetError, UnwritablePath) as exc:
         raise fail(str(exc)) from None
+    if result.failed_rules:
+        err.print(Text.assemble(("warning: ", "bold yellow"), f"{path.parent.name} fails "
+                                f"{'; '.join(result.failed_rules)} (judged again from its checkpoints); exported "
+                                "anyway, and its card says so"))
     acc = result.accuracy
     console.print(f"test accuracy: checkpoint {acc['checkpoint']:.2%}, BatchNorm folded {acc['folded']:.2%}, ONNX "
                   f"{acc['onnx']:.2%}, TorchScript {acc['torchscript']:.2%} (seed {result.seed})", highlight=False)
@@ -572,7 +583,10 @@ def report(
     from search.retrain import read_best, read_front
 
     study_obj = _open_study(study, storage, results_dir)
-    path = write_report(study_obj, results_dir, read_best(results_dir, study), read_front(results_dir, study))
+    (best_cert, best_problem), (front, front_problems) = read_best(results_dir, study), read_front(results_dir, study)
+    for problem in filter(None, [best_problem, *front_problems]):  # shown only once their evidence bears them out
+        err.print(Text.assemble(("warning: ", "bold yellow"), problem))
+    path = write_report(study_obj, results_dir, best_cert, front)
     from search.record import count_trained, outcome_counts
 
     counts = outcome_counts(study_obj)

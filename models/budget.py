@@ -156,11 +156,13 @@ def check_module(module, input_shape=(1, 1, 28, 28), max_params: int = RULES.max
     import torch
     from torch.nn.parameter import is_lazy
 
+    from models.load import ExitCalled, exits_refused
+
     if any(is_lazy(p) for p in module.parameters()):  # LazyLinear & co. only have a size after a first forward
         try:
-            with torch.no_grad():
+            with torch.no_grad(), exits_refused():
                 module.eval()(torch.zeros(input_shape))
-        except Exception as exc:
+        except (Exception, SystemExit, ExitCalled) as exc:
             return Verdict(False, 0, max_params, (f"lazy parameters could not be initialised by a forward pass: {exc}",))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and on a loaded CPU many times faster
@@ -173,6 +175,7 @@ def check_module(module, input_shape=(1, 1, 28, 28), max_params: int = RULES.max
 def _check_module(module, input_shape, max_params: int, num_classes: int | None) -> Verdict:
     from torch import nn
 
+    from models.load import ExitCalled, exits_refused
     from models.verdict import judge_forward
 
     reasons: list[str] = []
@@ -194,12 +197,13 @@ def _check_module(module, input_shape, max_params: int, num_classes: int | None)
     rows: list[LayerRow] = []
     macs = None
     try:
-        rows, out_shape = module_table(module, input_shape)
-        macs = sum(r.macs for r in rows)
-        if num_classes is not None and out_shape != (input_shape[0], num_classes):
-            reasons.append(f"output shape {out_shape}, expected ({input_shape[0]}, {num_classes}) logits")
-    except Exception as exc:
-        if not judgement.raised:  # else said once already, by the judgement
-            reasons.append(f"forward on an input of shape {tuple(input_shape)} failed: {type(exc).__name__}: {exc}")
+        if not judgement.raised:  # else said once already, by the judgement: no second run of a failing forward
+            with exits_refused():
+                rows, out_shape = module_table(module, input_shape)
+            macs = sum(r.macs for r in rows)
+            if num_classes is not None and out_shape != (input_shape[0], num_classes):
+                reasons.append(f"output shape {out_shape}, expected ({input_shape[0]}, {num_classes}) logits")
+    except (Exception, SystemExit, ExitCalled) as exc:  # a forward that exits is refused, not obeyed
+        reasons.append(f"forward on an input of shape {tuple(input_shape)} failed: {type(exc).__name__}: {exc}")
     analysis = Analysis(tuple(rows), n_params, None, macs or 0)
     return Verdict(not reasons, n_params, max_params, tuple(reasons), None, macs, analysis)

@@ -8,18 +8,88 @@ step; the validator, the budget counter and the builder all read that one walk.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Iterator, Union
 
 KERNELS = (1, 3)  # pixels; 3x3 convs extract features, 1x1 convs mix channels
 PADDINGS = (0, 1)  # pixels on each side
 MAX_CONVS_PER_BLOCK = 3
 MAX_CHANNELS = 512  # far above anything a 20k budget affords; catches typos such as 1600 for 16
+# Bounds on a spec's size, checked before anything that grows with it (far above any net under a 20k budget: the
+# presets have 3 to 5 blocks).
+MAX_BLOCKS = 64
+MAX_INPUT_SIZE = 1024  # pixels, the image side
+MAX_SPEC_BYTES = 1_000_000  # a spec file; 64 blocks of 3 convs, indented, take about 25 KB
+MAX_JSON_DEPTH = 32  # nesting of JSON objects and lists; a spec nests 5 deep, a certificate 5
+# The largest network `check` and `certify` build to check again on the real module: the spec's count is arithmetic
+# and needs no module, and a spec of 64 blocks of 512 channels would allocate 1.8 GB of weights to be refused.
+MAX_BUILT_PARAMS = 1_000_000
 HEAD_KINDS = ("conv_gap", "gap_conv")  # 1x1 conv to classes then GAP, or GAP then 1x1 conv
 
 
 class SpecError(ValueError):
     """A spec that cannot describe a working network; the message names the value and the limit."""
+
+
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')  # a string (skipped whole) or a bracket
+
+
+def _too_deep(text: str, max_depth: int) -> bool:
+    """Whether JSON text nests objects and lists more than `max_depth` deep; a linear scan, no recursion, so that
+    the parser (which recurses) never sees a deeper document."""
+    depth = 0
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            if depth > max_depth:
+                return True
+        elif token in "]}":
+            depth -= 1
+    return False
+
+
+def parse_json(data: bytes | str, where: str, max_bytes: int, error: type[Exception] = SpecError,
+               max_depth: int = MAX_JSON_DEPTH, kind: str = "a spec") -> Any:
+    """JSON from bytes or text, refused with `error` (naming `where`, the value and the limit) when it is over
+    `max_bytes`, not UTF-8, nested more than `max_depth` deep, or not JSON."""
+    size = len(data)
+    if size > max_bytes:
+        raise error(f"{where}: {size:,} {'bytes' if isinstance(data, bytes) else 'characters'}, over the "
+                    f"{max_bytes:,} allowed for {kind}")
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise error(f"{where}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                        f"{exc.start:,})") from None
+    if _too_deep(data, max_depth):
+        raise error(f"{where}: JSON nested more than {max_depth} deep, the most allowed for {kind} (refused before "
+                    "parsing)")
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise error(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except (ValueError, RecursionError) as exc:  # an integer of more than 4,300 digits
+        raise error(f"{where} is not usable JSON: {str(exc).splitlines()[0][:200]}") from None
+
+
+def read_json_file(path: str | Path, where: str, max_bytes: int, error: type[Exception] = SpecError,
+                   kind: str = "a spec") -> Any:
+    """A JSON file read with `parse_json`'s bounds; no more than `max_bytes` + 1 bytes are read."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            raise error(f"{where}: no such file")
+        with path.open("rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise error(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    if len(data) > max_bytes:
+        raise error(f"{where}: {path.stat().st_size:,} bytes, over the {max_bytes:,} allowed for {kind}")
+    return parse_json(data, where, max_bytes, error, kind=kind)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -68,12 +138,13 @@ class ConvBlock:
     pool: bool = True  # 2x2 max-pool, stride 2, at the end of the block
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.convs, (tuple, list)), "conv block: convs must be a list of convs")
+        _require(
+            1 <= len(self.convs) <= MAX_CONVS_PER_BLOCK,
+            f"conv block: {len(self.convs):,} convs, must have 1 to {MAX_CONVS_PER_BLOCK}",
+        )
         convs = tuple(Conv(**c) if isinstance(c, dict) else c for c in self.convs)
         object.__setattr__(self, "convs", convs)
-        _require(
-            1 <= len(convs) <= MAX_CONVS_PER_BLOCK,
-            f"conv block: {len(convs)} convs, must have 1 to {MAX_CONVS_PER_BLOCK}",
-        )
         _require(all(isinstance(c, Conv) for c in convs), "conv block: convs must be Conv entries")
         _require(
             isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool) and 0.0 <= self.dropout < 1.0,
@@ -135,6 +206,8 @@ class NetSpec:
     num_classes: int = 10
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.blocks, (tuple, list)), "network: blocks must be a list")
+        _require(len(self.blocks) <= MAX_BLOCKS, _too_many_blocks(len(self.blocks)))
         blocks = tuple(_block_from_dict(b) if isinstance(b, dict) else b for b in self.blocks)
         object.__setattr__(self, "blocks", blocks)
         if isinstance(self.head, dict):
@@ -148,11 +221,11 @@ class NetSpec:
             isinstance(blocks[0], ConvBlock),
             "network: the first block is a transition; a 1x1 squeeze of the raw image sees no pattern, start with a conv block",
         )
-        for name, value in (("in_channels", self.in_channels), ("input_size", self.input_size), ("num_classes", self.num_classes)):
-            _require(
-                _is_int(value) and value >= 1,
-                f"network: {name}={value!r}, must be a positive integer",
-            )
+        for name, value, top in (("in_channels", self.in_channels, MAX_CHANNELS),
+                                 ("input_size", self.input_size, MAX_INPUT_SIZE),
+                                 ("num_classes", self.num_classes, MAX_CHANNELS)):
+            _require(_is_int(value) and 1 <= value <= top, f"network: {name}={value!r}, must be an integer from 1 "
+                                                           f"to {top:,}")
         for layer in self.layers():  # the walk itself refuses maps that shrink below 1x1
             pass
 
@@ -210,6 +283,7 @@ class NetSpec:
         _reject_unknown(data, cls, "spec")
         _require("blocks" in data, "spec: missing field 'blocks'")
         _require(isinstance(data["blocks"], list), "spec: 'blocks' must be a list")
+        _require(len(data["blocks"]) <= MAX_BLOCKS, _too_many_blocks(len(data["blocks"])))
         kwargs = dict(data)
         kwargs["blocks"] = tuple(_block_from_dict(b) for b in data["blocks"])
         if "head" in data:
@@ -219,12 +293,22 @@ class NetSpec:
         return cls(**kwargs)
 
     @classmethod
-    def from_json(cls, text: str) -> "NetSpec":
+    def from_json(cls, text: str | bytes, where: str = "spec") -> "NetSpec":
+        return cls.from_dict(parse_json(text, where, MAX_SPEC_BYTES))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "NetSpec":
+        """A spec file, refused (SpecError naming the file) when over MAX_SPEC_BYTES, not UTF-8, too deep or not a
+        spec."""
+        data = read_json_file(path, f"{path}: spec", MAX_SPEC_BYTES)
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"spec is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except SpecError as exc:
+            raise SpecError(f"{path}: {exc}") from None
+
+
+def _too_many_blocks(n: int) -> str:
+    return f"network: {n:,} blocks, more than the {MAX_BLOCKS} allowed (refused before reading them)"
 
 
 def _reject_unknown(data: dict, cls: type, where: str, extra: tuple[str, ...] = ()) -> None:
@@ -242,12 +326,15 @@ def _block_from_dict(data: Any) -> Block:
         return data
     _require(isinstance(data, dict), f"block: expected an object, got {type(data).__name__}")
     kind = data.get("type")
-    _require(kind in _BLOCK_TYPES, f"block: type={kind!r}, must be one of {tuple(_BLOCK_TYPES)}")
+    _require(isinstance(kind, str) and kind in _BLOCK_TYPES,
+             f"block: type={kind!r}, must be one of {tuple(_BLOCK_TYPES)}")
     cls = _BLOCK_TYPES[kind]
     _reject_unknown(data, cls, kind, extra=("type",))
     kwargs = {k: v for k, v in data.items() if k != "type"}
     if cls is ConvBlock:
         _require(isinstance(kwargs.get("convs"), list), "conv_block: 'convs' must be a list of convs")
+        _require(1 <= len(kwargs["convs"]) <= MAX_CONVS_PER_BLOCK,
+                 f"conv block: {len(kwargs['convs']):,} convs, must have 1 to {MAX_CONVS_PER_BLOCK}")
         for c in kwargs["convs"]:
             _require(isinstance(c, dict), "conv: each conv must be an object")
             _reject_unknown(c, Conv, "conv")

@@ -20,6 +20,7 @@ import contextlib
 import weakref
 from dataclasses import dataclass, field
 
+from models.load import ExitCalled, exits_refused
 from models.verdict_ops import shape_text, storage_key, storage_size
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the normalisation the search uses, so that the digits look like its input
@@ -196,13 +197,16 @@ def _run_passes(module, passes, judge: _Judge, result: Judgement, path: list) ->
         recorder.path = path
         path.clear()
         try:
-            with (torch.enable_grad() if mode == "train" else torch.no_grad()), recorder:
+            with (torch.enable_grad() if mode == "train" else torch.no_grad()), recorder, exits_refused():
                 out = module(x)
-        except Exception as exc:
+        except (Exception, SystemExit, ExitCalled) as exc:  # a forward that exits is refused, not obeyed
             message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
             judge.current = ""
-            judge.reason(f"forward raised {type(exc).__name__} in {mode} mode on {what} of shape "
-                         f"{tuple(x.shape)}: {message}; a forward that does not run cannot be judged")
+            did = {SystemExit: f"called sys.exit({message})", ExitCalled: f"called os._exit({message})"}.get(
+                type(exc), f"raised {type(exc).__name__}")
+            judge.reason(f"forward {did} in {mode} mode on {what} of shape {tuple(x.shape)}"
+                         + (f": {message}" if did.startswith("raised") else "")
+                         + "; a forward that does not run to its end cannot be judged")
             result.raised = True
             break
         if isinstance(out, torch.Tensor) and not recorder.computed_from_input(out):

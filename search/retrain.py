@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import platform
-import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,22 +24,20 @@ from pathlib import Path
 import optuna
 import torch
 
-from models.budget import analyze, check, check_module
+from models.budget import analyze, check
 from models.build import build
 from models.rules import RULES
-from models.spec import NetSpec, SpecError
-from search.data import load_data
+from models.spec import MAX_BUILT_PARAMS, NetSpec
+from search.certificate import (CHECKPOINT_FORMAT, CertificateError, CheckpointError, EvidenceMismatch,  # noqa: F401
+                                accuracy_row, judge_rules, load_checkpoint, read_certificate, read_front_file,
+                                sha256_file,
+                                spec_digest, verify)
+from search.data import DataError, load_data
 from search.engine import TrainConfig, fit, resolve_device, to_device
 from search.fsio import atomic_write, atomic_write_text
 from search.record import (Outcome, TrialRecord, best_of, candidates, pareto_front, records, smallest_reaching,
                            study_dataset)
 from search.storage import SearchError, provenance
-
-CHECKPOINT_FORMAT = "budgetnas-checkpoint-1"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is not ours, is damaged, or holds objects that weights_only loading refuses."""
 
 
 def pick_winner(study: optuna.Study, trial_number: int | None = None, target: float | None = None) -> TrialRecord:
@@ -100,13 +97,19 @@ class Certifiable:
     study: str | None = None
     dataset: str = "mnist"  # one of search.data.DATASETS
     classes: int = 10  # logits the network must output: its set's classes
+    module_sha256: str | None = None  # the module file's source, as first imported: every seed imports the same
 
     def build(self) -> torch.nn.Module:
         if self.spec is not None:
             return build(self.spec)
-        from models.load import instantiate
+        from models.load import instantiate, source_digest
 
-        return instantiate(self.module_path, self.module_class)
+        if self.module_sha256 is None:
+            self.module_sha256 = source_digest(self.module_path)
+        return instantiate(self.module_path, self.module_class, self.module_sha256)
+
+    def module_record(self) -> dict:
+        return {"path": str(Path(self.module_path).resolve()), "class": self.module_class, "sha256": self.module_sha256}
 
     def label(self) -> str:
         return f"trial {self.trial}" if self.trial is not None else self.name
@@ -130,25 +133,12 @@ def certificate_dir(results_dir: str, name: str) -> Path:
 
 
 def judge(c: Certifiable, max_params: int = RULES.max_params) -> tuple[list[dict], int, list[str]]:
-    """The rules that can be judged without training: (rows, parameters, fully connected reasons). Rows hold the
-    exercise's parameter, fully connected and epoch rules, then `max_params` when it is not the exercise's."""
-    module = c.build()
-    module_verdict = check_module(module, max_params=max_params,
-                                  num_classes=c.spec.num_classes if c.spec is not None else c.classes)
-    spec_verdict = check(c.spec, max_params) if c.spec is not None else module_verdict
-    n_params = max(spec_verdict.n_params, module_verdict.n_params)
-    fully_connected = [r for r in (*spec_verdict.reasons, *module_verdict.reasons) if "fully connected" in r]
-    other = [r for r in module_verdict.reasons if "fully connected" not in r and "budget" not in r]
-    rows = [
-        {"rule": RULES.params_rule(), "figure": f"{n_params:,}", "pass": n_params < RULES.max_params},
-        {"rule": RULES.fc_rule(), "figure": "; ".join(fully_connected) or "none found (Linear, matmul, whole-map conv)",
-         "pass": not fully_connected},
-        {"rule": RULES.epochs_rule(), "figure": str(c.cfg.epochs), "pass": c.cfg.epochs <= RULES.max_epochs},
-    ]
-    if max_params != RULES.max_params:
-        rows.append({"rule": f"{RULES.params_rule(max_params)} (the budget asked for, not one of the exercise's "
-                             "rules)", "figure": f"{n_params:,}", "pass": n_params < max_params})
-    return rows, n_params, other
+    """The rules that can be judged without training: (rows, parameters, other reasons), as
+    search.certificate.judge_rules. A spec counted over MAX_BUILT_PARAMS is judged on the spec alone, unbuilt."""
+    too_big = c.spec is not None and check(c.spec, max_params).n_params > MAX_BUILT_PARAMS
+    module = None if too_big else c.build()
+    return judge_rules(module, c.spec, c.cfg.epochs, c.spec.num_classes if c.spec is not None else c.classes,
+                       max_params)
 
 
 def refusal_before_training(c: Certifiable, max_params: int = RULES.max_params) -> str | None:
@@ -159,52 +149,49 @@ def refusal_before_training(c: Certifiable, max_params: int = RULES.max_params) 
 
 
 def save_checkpoint(path: Path, module: torch.nn.Module, c: Certifiable, cfg: TrainConfig, test_acc: float) -> Path:
-    """The weights and what rebuilds the module: the spec JSON, or the file and class of a module of one's own."""
+    """The weights and what rebuilds the module: the spec JSON, or the file, class and source digest of a module of
+    one's own (imported again only from a file the command line names: search/certificate.py)."""
     payload = {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "test_acc": test_acc,
                "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}
     if c.spec is not None:
         payload["spec"] = c.spec.to_json(indent=None)
     else:
-        payload["module"] = {"path": str(Path(c.module_path).resolve()), "class": c.module_class}
+        payload["module"] = c.module_record()
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     return atomic_write(path, lambda f: f.write(buffer.getvalue()))
-
-
-def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the module from a checkpoint, loading only tensors and plain data (weights_only=True)."""
-    path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint") from None
-    except Exception as exc:
-        raise CheckpointError(f"{path}: refused, not a plain weights file ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a budgetnas checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
-    try:
-        if "spec" in payload:
-            module = build(NetSpec.from_json(payload["spec"]))
-        else:
-            from models.load import instantiate
-
-            module = instantiate(payload["module"]["path"], payload["module"]["class"])
-        module.load_state_dict(payload["state_dict"])
-    except (SpecError, KeyError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: network and weights do not match: {str(exc).splitlines()[0][:200]}") from None
-    return module, payload
 
 
 def _first_epoch_reaching(curve: list[dict], target: float) -> int | None:
     return next((e["epoch"] for e in curve if e["test_acc"] >= target), None)
 
 
+def _train_seed(c: Certifiable, seed: int, data: tuple, dev, out_dir: Path, target: float | None, log,
+                progress: bool | None) -> dict:
+    """One seed trained and tested after every epoch; its checkpoint saved; its entry of the certificate."""
+    seed_cfg = replace(c.cfg, seed=seed)
+    model = c.build()
+    # A module of one's own trains as it is, through torch's optimizer (the whole-step path rebuilds a net's
+    # step and expects budgetnas's layers).
+    history = fit(model, None, None, seed_cfg, device=dev, data_on_device=data, progress=progress,
+                  whole_step=None if c.spec is not None else False,
+                  on_epoch=lambda r: log(f"  seed {seed} epoch {r.epoch:2d}: test {r.val_acc:.2%}"))
+    curve = [{"epoch": e.epoch, "train_loss": e.train_loss, "train_acc": e.train_acc, "test_loss": e.val_loss,
+              "test_acc": e.val_acc, "lr": e.lr, "seconds": e.seconds} for e in history.epochs]
+    final = curve[-1]["test_acc"] if curve and history.status == "completed" else float("nan")
+    ckpt = save_checkpoint(out_dir / f"seed{seed}.pt", model, c, seed_cfg, final)
+    return {"seed": seed, "status": history.status, "precision": history.precision, "shards": history.shards,
+            "final_test_acc": final, "epochs": curve,
+            "first_epoch_reaching_target": _first_epoch_reaching(curve, target) if target else None,
+            "checkpoint": str(ckpt), "checkpoint_sha256": sha256_file(ckpt)}
+
+
 def certify(c: Certifiable, *, seeds: int = 3, data_dir: str | None = None, device: str = "auto",
             results_dir: str = "results", target: float | None = RULES.target_accuracy,
             max_params: int = RULES.max_params, log=print, progress: bool | None = None) -> dict:
     """Train `c` with seeds 0..seeds-1 on all training images of its set, test after every epoch, write the
-    certificate and one checkpoint per seed under <results>/certified/<name>/, and return the certificate.
+    certificate (with the sha256 of each checkpoint and of the spec or module source) and one checkpoint per seed
+    under <results>/certified/<name>/, and return the certificate.
     `target` None (another set, no target given): the accuracy is reported, not judged."""
     out_dir = certificate_dir(results_dir, c.name)
     rows, n_params, _ = judge(c, max_params)
@@ -215,38 +202,17 @@ def certify(c: Certifiable, *, seeds: int = 3, data_dir: str | None = None, devi
     runs = []
     start = time.perf_counter()
     for seed in range(seeds):
-        seed_cfg = replace(c.cfg, seed=seed)
-        model = c.build()
         log(f"seed {seed}: training {c.label()} ({n_params:,} params) on {len(data_set.train):,} {data_set.name} "
             f"images for {c.cfg.epochs} epochs")
-        # A module of one's own trains as it is, through torch's optimizer (the whole-step path rebuilds a net's
-        # step and expects budgetnas's layers).
-        history = fit(model, None, None, seed_cfg, device=dev, data_on_device=data, progress=progress,
-                      whole_step=None if c.spec is not None else False,
-                      on_epoch=lambda r: log(f"  seed {seed} epoch {r.epoch:2d}: test {r.val_acc:.2%}"))
-        curve = [{"epoch": e.epoch, "train_loss": e.train_loss, "train_acc": e.train_acc, "test_loss": e.val_loss,
-                  "test_acc": e.val_acc, "lr": e.lr, "seconds": e.seconds} for e in history.epochs]
-        final = curve[-1]["test_acc"] if curve and history.status == "completed" else float("nan")
-        ckpt = save_checkpoint(out_dir / f"seed{seed}.pt", model, c, seed_cfg, final)
-        runs.append({"seed": seed, "status": history.status, "precision": history.precision, "shards": history.shards,
-                     "final_test_acc": final, "epochs": curve,
-                     "first_epoch_reaching_target": _first_epoch_reaching(curve, target) if target else None,
-                     "checkpoint": str(ckpt)})
+        runs.append(_train_seed(c, seed, data, dev, out_dir, target, log, progress))
     finals = [r["final_test_acc"] for r in runs]
-    mean = statistics.fmean(finals)
-    std = statistics.stdev(finals) if len(finals) > 1 else 0.0
-    shown = RULES.accuracy_text(mean, target)
-    figure = f"{shown} +- {std:.2%}" if seeds > 1 else f"{shown} (one seed: no spread)"
-    if target is None:  # judged only against a target someone gave
-        accuracy = {"rule": f"final-epoch test accuracy (mean of {seeds}; no target for {data_set.name}: not judged)",
-                    "figure": figure, "pass": True}
-    else:
-        accuracy = {"rule": RULES.accuracy_rule(seeds, target), "figure": figure, "pass": mean >= target}
+    accuracy, mean, std = accuracy_row(finals, target, data_set.name)
     rules = rows[:3] + [accuracy] + rows[3:]
     result = {
         "name": c.name, "source": c.source, "study": c.study, "trial": c.trial,
         "spec": json.loads(c.spec.to_json()) if c.spec is not None else None,
-        "module": None if c.spec is not None else {"path": str(Path(c.module_path).resolve()), "class": c.module_class},
+        "spec_sha256": spec_digest(c.spec) if c.spec is not None else None,
+        "module": None if c.spec is not None else c.module_record(),
         "n_params": n_params, "receptive_field": analysis.receptive_field if analysis else None,
         "macs": analysis.macs if analysis else None,
         "config": c.cfg.to_dict(), "val_acc": c.val_acc,
@@ -258,49 +224,101 @@ def certify(c: Certifiable, *, seeds: int = 3, data_dir: str | None = None, devi
         "device": str(dev), "wall_s": time.perf_counter() - start,
         "versions": {**provenance(), "platform": platform.platform()},
     }
+    if result["spec_sha256"] is None:
+        del result["spec_sha256"]
     atomic_write_text(out_dir / "certificate.json", json.dumps(result, indent=2))
     return result
 
 
-def read_certificate(path: Path) -> dict | None:
+def reusable_certificate(results_dir: str, c: Certifiable, seeds: int, target: float, max_params: int,
+                         data_dir: str | None = None) -> tuple[dict | None, str | None]:
+    """(certificate, None): one already written for this network with the same spec, recipe, seeds, target and
+    budget, whose evidence bears it out (digests, checkpoints, the rules judged again, every seed's test accuracy
+    measured again: search/certificate.py). (None, why) when there is one that cannot be reused; (None, None) when
+    there is none to reuse."""
+    path = certificate_dir(results_dir, c.name) / "certificate.json"
+    if c.spec is None or not path.exists():
+        return None, None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def reusable_certificate(results_dir: str, c: Certifiable, seeds: int, target: float, max_params: int) -> dict | None:
-    """A certificate already written for this network with the same spec, recipe, seeds, target and budget."""
-    cert = read_certificate(certificate_dir(results_dir, c.name) / "certificate.json")
-    if cert is None or c.spec is None:
-        return None
-    same = (cert.get("spec") == json.loads(c.spec.to_json()) and cert.get("config") == c.cfg.to_dict()
-            and len(cert.get("seeds", [])) == seeds and cert.get("target") == target
-            and cert.get("max_params", RULES.max_params) == max_params)
-    return cert if same else None
+        cert = read_certificate(path)
+    except CertificateError as exc:
+        return None, str(exc)
+    same = (cert.get("spec") == json.loads(c.spec.to_json()) and cert["config"] == c.cfg.to_dict()
+            and len(cert["seeds"]) == seeds and cert["target"] == target and cert["max_params"] == max_params)
+    if not same:
+        return None, None
+    try:
+        verify(cert, near=[path.parent], data_dir=data_dir)
+    except (CertificateError, CheckpointError, EvidenceMismatch, DataError) as exc:
+        return None, f"{path}: {exc}"
+    return cert, None
 
 
 def write_best(results_dir: str, result: dict) -> Path:
     return atomic_write_text(Path(results_dir) / result["study"] / "best.json", json.dumps(result, indent=2))
 
 
+def _front_entry(c: dict, reused: bool, results_dir: str) -> dict:
+    return {"trial": c["trial"], "n_params": c["n_params"], "val_acc": c["val_acc"],
+            "test_acc_mean": c["final_test_acc_mean"], "test_acc_std": c["final_test_acc_std"],
+            "test_acc_per_seed": [r["final_test_acc"] for r in c["seeds"]], "certified": c["certified"],
+            "failed_rules": [r["rule"] for r in c["rules"] if not r["pass"]], "reused": reused,
+            "certificate": str(certificate_dir(results_dir, c["name"]) / "certificate.json")}
+
+
 def front_summary(study_name: str, floor: float, seeds: int, certs: list[tuple[dict, bool]], results_dir: str) -> dict:
     """front.json: one entry per certified front trial, smallest first, with its validation and test accuracy."""
-    entries = [{"trial": c["trial"], "n_params": c["n_params"], "val_acc": c["val_acc"],
-                "test_acc_mean": c["final_test_acc_mean"], "test_acc_std": c["final_test_acc_std"],
-                "test_acc_per_seed": [r["final_test_acc"] for r in c["seeds"]], "certified": c["certified"],
-                "failed_rules": [r["rule"] for r in c["rules"] if not r["pass"]], "reused": reused,
-                "certificate": str(certificate_dir(results_dir, c["name"]) / "certificate.json")}
-               for c, reused in certs]
+    entries = [_front_entry(c, reused, results_dir) for c, reused in certs]
     result = {"study": study_name, "floor": floor, "seeds": seeds, "target": certs[0][0]["target"] if certs else None,
               "entries": entries}
     atomic_write_text(Path(results_dir) / study_name / "front.json", json.dumps(result, indent=2))
     return result
 
 
-def read_front(results_dir: str, study_name: str) -> dict | None:
-    return read_certificate(Path(results_dir) / study_name / "front.json")
+def _verified_certificate(path: Path, results_dir: str) -> dict:
+    """A certificate read and verified as far as the report goes: schema, digests, what its checkpoints record,
+    the rules judged again (search/certificate.py, steps 1 to 3; nothing is measured)."""
+    cert = read_certificate(path)
+    verify(cert, near=[path.parent, certificate_dir(results_dir, Path(cert["name"]).name)], measure=False)
+    return cert
 
 
-def read_best(results_dir: str, study_name: str) -> dict | None:
-    return read_certificate(Path(results_dir) / study_name / "best.json")
+def read_best(results_dir: str, study_name: str) -> tuple[dict | None, str | None]:
+    """best.json, verified: (certificate, None), (None, why it is not shown), or (None, None) when there is none."""
+    path = Path(results_dir) / study_name / "best.json"
+    if not path.exists():
+        return None, None
+    try:
+        return _verified_certificate(path, results_dir), None
+    except (CertificateError, CheckpointError, EvidenceMismatch) as exc:
+        return None, f"{path} is not shown: {exc}"
+
+
+def _front_entry_problem(entry: dict, study_name: str, results_dir: str) -> str | None:
+    """Why a front.json entry is not shown (its certificate does not verify, or the entry is not its certificate's
+    figures), else None."""
+    named = Path(entry["certificate"])
+    path = named if named.is_file() else certificate_dir(results_dir, named.parent.name) / "certificate.json"
+    try:
+        cert = _verified_certificate(path, results_dir)
+    except (CertificateError, CheckpointError, EvidenceMismatch) as exc:
+        return f"trial {entry['trial']}: {exc}"
+    expected = _front_entry(cert, entry["reused"], results_dir)
+    for key, value in expected.items():
+        if key != "certificate" and entry[key] != value and not (value != value and entry[key] != entry[key]):
+            return f"trial {entry['trial']}: {key}: front.json says {entry[key]!r}, its certificate {value!r}"
+    return None
+
+
+def read_front(results_dir: str, study_name: str) -> tuple[dict | None, list[str]]:
+    """front.json with only the entries whose certificates verify: (front or None, why entries are not shown)."""
+    path = Path(results_dir) / study_name / "front.json"
+    if not path.exists():
+        return None, []
+    try:
+        front = read_front_file(path)
+    except CertificateError as exc:
+        return None, [f"{path} is not shown: {exc}"]
+    problems = [(e, _front_entry_problem(e, study_name, results_dir)) for e in front["entries"]]
+    front = {**front, "entries": [e for e, problem in problems if problem is None]}
+    return front, [f"{path}: an entry is not shown: {problem}" for _, problem in problems if problem]

@@ -245,3 +245,38 @@ def test_report_of_an_empty_study_says_so_without_figures(tmp_path):
     page = (tmp_path / "empty" / "report.html").read_text()
     assert "id='too-few'" in page and "0 trained trial(s)" in page
     assert "js-plotly-plot" not in page and 'id="params-vs-accuracy"' not in page
+
+
+def _measure_only(model, train, val, cfg, *, data_on_device, **kwargs):
+    """`fit` without training (the network's test accuracy as built), to certify again in seconds."""
+    from search.engine.config import EpochRecord, History
+
+    loss, acc = evaluate(model, data_on_device[2], data_on_device[3], bf16=False)
+    return History([EpochRecord(1, 2.3, 0.1, loss, acc, 0.0, 1.0, 1.0)], status="completed", precision="fp32")
+
+
+def test_a_forged_certificate_is_neither_reused_nor_reported(tiny_study, data_root, monkeypatch):
+    results, study = tiny_study
+    front = pareto_front(candidates(study))
+    path = results / "certified" / f"tiny-trial-{front[0].number}" / "certificate.json"
+    cert = json.loads(path.read_text())
+    cert["seeds"][0]["final_test_acc"] = cert["final_test_acc_mean"] = 0.9952
+    path.write_text(json.dumps(cert))
+    monkeypatch.setattr("search.retrain.fit", _measure_only)
+    out = runner.invoke(app, ["best", "--study", "tiny", "--results-dir", str(results), "--front", "--floor", "10",
+                              "--seeds", "1", "--data-dir", str(data_root), "--device", "cpu", "--max-params", "6000"])
+    text = " ".join(out.output.split())
+    assert out.exit_code == 0, out.output
+    assert f"trial {front[0].number}: its certificate is not reused, its evidence does not bear it out" in text
+    assert "seeds[0].final_test_acc: the certificate says 99.52%, but seed0.pt recorded" in text
+    entry = json.loads((results / "tiny" / "front.json").read_text())["entries"][0]
+    assert entry["test_acc_mean"] != 0.9952 and not entry["reused"]
+    # best.json edited: the report leaves it out and says why.
+    best = json.loads((results / "tiny" / "best.json").read_text())
+    best["rules"][3]["pass"] = best["certified"] = True
+    (results / "tiny" / "best.json").write_text(json.dumps(best))
+    out = runner.invoke(app, ["report", "--study", "tiny", "--results-dir", str(results)])
+    text = " ".join(out.output.split())
+    assert out.exit_code == 0 and "best.json is not shown: rules[3]: the certificate says" in text, out.output
+    page = (results / "tiny" / "report.html").read_text()
+    assert "id='certification'" not in page and "id='certified-front'" in page

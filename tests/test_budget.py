@@ -4,6 +4,8 @@ The module verdict denies by default (models/verdict.py, docs/verdict.md): each 
 word, with the module and the source line it names."""
 
 import inspect
+import os
+import sys
 import warnings
 
 import optuna
@@ -243,7 +245,24 @@ def test_forward_that_cannot_run_is_refused_naming_its_exception():
     assert verdict.reasons == (
         "forward raised RuntimeError in train mode on noise of shape (2, 1, 28, 28): Given groups=1, weight of size "
         "[4, 3, 3, 3], expected input[2, 1, 28, 28] to have 3 channels, but got 1 channels instead; a forward that "
-        "does not run cannot be judged",)
+        "does not run to its end cannot be judged",)
+
+
+@pytest.mark.parametrize("leave, said", [(lambda: sys.exit(3), "sys.exit(3)"), (lambda: os._exit(0), "os._exit(0)")],
+                         ids=["sys.exit", "os._exit"])
+def test_forward_that_exits_is_refused_and_the_process_goes_on(leave, said):
+    class Quits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 10, 3)
+
+        def forward(self, x):
+            leave()
+            return self.conv(x).mean((2, 3))
+
+    verdict = check_module(Quits())
+    assert verdict.reasons == (f"forward called {said} in train mode on noise of shape (2, 1, 28, 28); a forward that "
+                               "does not run to its end cannot be judged",)
 
 
 # ---- fully connected layers without nn.Linear ---------------------------------------------------------------------

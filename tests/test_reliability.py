@@ -258,7 +258,7 @@ def test_spec_file_that_does_not_parse_exits_2(tmp_path):
     bad = tmp_path / "spec.json"
     bad.write_text("{'blocks': []}")
     out = runner.invoke(app, ["check", str(bad)])
-    assert out.exit_code == 2 and "spec is not valid JSON" in out.output
+    assert out.exit_code == 2 and "spec.json: spec is not valid JSON: Expecting property name" in " ".join(out.output.split())
 
 
 def test_sqlite_with_parallel_jobs_is_refused_with_advice(tmp_path, data_root):
