@@ -23,7 +23,7 @@ from models.presets import PRESETS  # noqa: E402
 from search.data import load_mnist  # noqa: E402
 from search.engine import TrainConfig, fit, resolve_device, to_device  # noqa: E402
 from search.engine.runtime import set_cpu_threads  # noqa: E402
-from search.space import _widths, _with_widths  # noqa: E402
+from search.widths import widths as _widths, with_widths as _with_widths  # noqa: E402
 
 
 def round_to_8(widths: list[int]) -> list[int]:

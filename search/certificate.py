@@ -174,7 +174,8 @@ EPOCH = obj({"epoch": integer(1), "test_acc": number(0, 1, nan_ok=True)},
             {k: number(nan_ok=True) for k in ("train_loss", "train_acc", "test_loss", "lr", "seconds")})
 RUN = obj({"seed": integer(0), "status": text(100), "final_test_acc": number(0, 1, nan_ok=True),
            "epochs": list_of(EPOCH, 0, MAX_EPOCH_RECORDS), "checkpoint": text(), "checkpoint_sha256": digest},
-          {"precision": text(10, ("bf16", "fp32")), "first_epoch_reaching_target": optional(integer(1))})
+          {"precision": text(10, ("bf16", "fp32")), "first_epoch_reaching_target": optional(integer(1)),
+           "step_path": text(30), "fallback": optional(text())})
 RULE = obj({"rule": text(500), "figure": text(), "pass": flag})
 CERTIFICATE = obj(
     {"name": text(200), "source": obj({"kind": text(20, SOURCE_KINDS)}), "n_params": integer(0),

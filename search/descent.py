@@ -1,10 +1,10 @@
 """Front descent: a pareto search walks its front down towards the small end.
 
-Random draws seldom land a small net with a good recipe: in a 50-trial CPU search the smallest nets at 99.0% or
-more stayed the presets (docs/search.md). So after each trial, for each level (the target, then the floor), the
-smallest completed trial at or above it is queued again with a smaller parameter target: the same layout and
-training recipe (every choice of the space fixed through Optuna's `enqueue_trial`), every width scaled by
-`fit_widths` to SHRINK[0] of its parameters. If that descendant reaches the level it is the next source; if not,
+Random draws seldom land a small net with a good recipe (docs/search.md has the pareto searches that showed it).
+So after each trial, for each level (the target, then the floor), the smallest completed trial at or above it is
+queued again with a smaller parameter target: the same layout and training recipe (every choice of the space fixed
+through Optuna's `enqueue_trial`), its widths fitted by the space (`search/widths.py`, `fit_widths`) to SHRINK[0] of
+its parameters. If that descendant reaches the level it is the next source; if not,
 a milder shrink (SHRINK[1]) is tried once, and the level waits for the sampler to find a smaller net there.
 
 One descendant at a time is queued or training, and never two in a row: descents take at most every other training
@@ -56,12 +56,10 @@ def next_descent(trials: list[TrialRecord], levels: list[float]) -> tuple[dict, 
     return None
 
 
-def queue_descent(study: optuna.Study, levels: list[float]) -> int | None:
-    """Queue the descendant `next_descent` names; the number of its source, or None."""
+def queue_descent(study: optuna.Study, levels: list[float]) -> None:
+    """Queue the descendant `next_descent` names, if any."""
     if not levels:
-        return None
+        return
     step = next_descent([TrialRecord(t) for t in study.get_trials(deepcopy=False)], levels)
-    if step is None:
-        return None
-    study.enqueue_trial(step[0], user_attrs=step[1], skip_if_exists=True)
-    return step[1]["shrunk_from"]
+    if step is not None:
+        study.enqueue_trial(step[0], user_attrs=step[1], skip_if_exists=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ from optuna.trial import TrialState
 
 from models.budget import analyze, check, check_module
 from models.build import build
-from models.spec import Conv, ConvBlock, NetSpec, SpecError, Transition
+from models.spec import NetSpec, SpecError
 from search import space
 from search.engine import TrainConfig, fit, planned_engine
 from search.engine.runtime import stop_point
@@ -34,6 +33,7 @@ from search.options import SearchOptions
 from search.pruning import floor_stop_reason, pareto_should_prune, rungs
 from search.record import Outcome, TrialWriter, count_trained, records
 from search.storage import claim_conflict
+from search.widths import fit_widths
 
 
 class TrialFailed(Exception):
@@ -264,6 +264,7 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
         w.close(Outcome.FAILED, reason, wall_s=time.perf_counter() - start)
         raise TrialFailed(reason) from exc
     w.trained(history, time.perf_counter() - start)
+    w.set(key=spec_key(c.spec, cfg, history.engine()))  # what trained: a fallback to another step path, another key
     if history.status == "nan":
         w.set_constraint(1)
         w.close(Outcome.FAILED, f"loss became NaN or infinite in epoch {len(history.epochs) + 1}")
@@ -285,19 +286,7 @@ def spec_key(spec: NetSpec, cfg: TrainConfig, engine: dict) -> str:
 
 
 def repair_spec(spec: NetSpec, max_params: int) -> NetSpec | None:
-    """Shrink every width by one factor until the network fits the budget; None if even width 1 does not."""
-    factor = math.sqrt(max_params / analyze(spec).n_params)  # parameters grow about with the square of the width
-    while factor > 0.01:
-        def scale(c: int) -> int:
-            return max(1, int(c * factor))
-
-        blocks = tuple(
-            ConvBlock(tuple(Conv(scale(c.out_channels), c.kernel, c.padding) for c in b.convs), b.batchnorm,
-                      b.dropout, b.pool) if isinstance(b, ConvBlock) else Transition(scale(b.out_channels),
-                                                                                     b.batchnorm, b.pool)
-            for b in spec.blocks)
-        candidate = NetSpec(blocks, spec.head, spec.in_channels, spec.input_size, spec.num_classes)
-        if check(candidate, max_params).ok:
-            return candidate
-        factor *= 0.97
-    return None
+    """Shrink the widths until the network fits the budget: the largest widths of 1 or more, none above the spec's
+    own, with fewer than `max_params` parameters (search/widths.py); None if even widths of 1 do not fit."""
+    fitted = fit_widths(spec, max_params - 1, step=1, narrowest=1, shrink_only=True)
+    return fitted if check(fitted, max_params).ok else None

@@ -170,18 +170,19 @@ def _train_seed(c: Certifiable, seed: int, data: tuple, dev, out_dir: Path, targ
                 progress: bool | None) -> dict:
     """One seed trained and tested after every epoch; its checkpoint saved; its entry of the certificate."""
     seed_cfg = replace(c.cfg, seed=seed)
+    torch.manual_seed(seed)  # a module of one's own keeps its own initialisation, drawn from the seed
     model = c.build()
     # A module of one's own trains as it is, through torch's optimizer (the whole-step path rebuilds a net's
     # step and expects budgetnas's layers).
     history = fit(model, None, None, seed_cfg, device=dev, data_on_device=data, progress=progress,
-                  whole_step=None if c.spec is not None else False,
+                  whole_step=None if c.spec is not None else False, reset_weights=c.spec is not None,
                   on_epoch=lambda r: log(f"  seed {seed} epoch {r.epoch:2d}: test {r.val_acc:.2%}"))
     curve = [{"epoch": e.epoch, "train_loss": e.train_loss, "train_acc": e.train_acc, "test_loss": e.val_loss,
               "test_acc": e.val_acc, "lr": e.lr, "seconds": e.seconds} for e in history.epochs]
     final = curve[-1]["test_acc"] if curve and history.status == "completed" else float("nan")
     ckpt = save_checkpoint(out_dir / f"seed{seed}.pt", model, c, seed_cfg, final)
     return {"seed": seed, "status": history.status, "precision": history.precision, "shards": history.shards,
-            "final_test_acc": final, "epochs": curve,
+            "step_path": history.step_path, "fallback": history.fallback, "final_test_acc": final, "epochs": curve,
             "first_epoch_reaching_target": _first_epoch_reaching(curve, target) if target else None,
             "checkpoint": str(ckpt), "checkpoint_sha256": sha256_file(ckpt)}
 

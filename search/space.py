@@ -8,8 +8,8 @@ augmentation strength. The epochs are the study's, not searched.
 Widths: multiples of 8 from 8 for an accuracy search, steps of 2 from 4 for a pareto search (PARETO_CHANNELS).
 With `param_target` (pareto searches) the trial also draws a parameter count, log-uniform from 1,000 to the budget,
 and every width is scaled by one factor so that the network has as many parameters as fit under it
-(`fit_widths`): the trials then spread over the whole parameter axis instead of clustering where random widths land
-(mostly over the budget).
+(`search/widths.py`): the trials then spread over the whole parameter axis instead of clustering where random widths
+land (mostly over the budget).
 
 Layouts that shrink the map below 1x1 raise `SpecError` from `NetSpec` and are rejected like over-budget ones.
 `encode(spec, cfg)` is the inverse of `suggest` for specs inside the space (presets, to enqueue as warm start).
@@ -24,13 +24,14 @@ import optuna
 from models.budget import count_params
 from models.rules import RULES
 from models.spec import Conv, ConvBlock, Head, NetSpec, Transition
-from search.engine.config import TrainConfig
+from search.engine.config import WEIGHT_DECAY, TrainConfig
+from search.widths import NARROWEST, fit_widths
 
 MAX_BLOCKS = 3
 # Channels per conv, (low, high, step). A pareto search draws them in steps of 2 from 4: the sub-5k hand-made nets use
 # 4, 6 and 12 channels, and `fit_widths` scales them to the trial's parameter target anyway. Widths off the multiples
-# of 8 cost CPU time per MAC, and the nets they make are small and slow per parameter (docs/search.md): an accuracy
-# search, whose winners have 12,000 to 20,000 parameters, draws multiples of 8 and keeps its time.
+# of 8 cost CPU time per MAC, and the nets they make are small and slow per parameter: an accuracy search, whose
+# winners sit near the budget, draws multiples of 8 and keeps its time (docs/search.md has the figures).
 # With 3 blocks of 3 convs either reaches far past 20k, with 1 block of 1 conv under 100 parameters.
 PARETO_CHANNELS = (4, 40, 2)
 ACCURACY_CHANNELS = (8, 40, 8)
@@ -42,8 +43,8 @@ LABEL_SMOOTHING = (0.0, 0.15)
 AUGMENT = (0.0, 1.5)
 
 
-def suggest(trial: optuna.trial.BaseTrial, epochs: int = 20, seed: int = 0, param_target: bool = False,
-            max_params: int = RULES.max_params, num_classes: int = 10,
+def suggest(trial: optuna.trial.BaseTrial, epochs: int = TrainConfig.epochs, seed: int = 0,
+            param_target: bool = False, max_params: int = RULES.max_params, num_classes: int = 10,
             channels: tuple[int, int, int] | None = None) -> tuple[NetSpec, TrainConfig]:
     """The trial's network and training config. `param_target`: a pareto trial (a drawn parameter target, widths in
     PARETO_CHANNELS); `channels` overrides the widths' (low, high, step)."""
@@ -72,7 +73,7 @@ def suggest(trial: optuna.trial.BaseTrial, epochs: int = 20, seed: int = 0, para
         batch_size=trial.suggest_categorical("batch_size", list(BATCH_SIZES)),
         optimizer=optimizer,
         lr=trial.suggest_float(f"{optimizer}_lr", *LR[optimizer], log=True),
-        weight_decay=5e-4 if optimizer == "sgd" else 1e-2,
+        weight_decay=WEIGHT_DECAY[optimizer],
         schedule=trial.suggest_categorical("schedule", ["onecycle", "cosine", "step"]),
         label_smoothing=trial.suggest_float("label_smoothing", *LABEL_SMOOTHING),
         augment=trial.suggest_float("augment", *AUGMENT),
@@ -82,56 +83,6 @@ def suggest(trial: optuna.trial.BaseTrial, epochs: int = 20, seed: int = 0, para
     if param_target:
         spec = fit_widths(spec, trial.suggest_int("param_target", MIN_TARGET, max_params - 1, log=True))
     return spec, cfg
-
-
-def _scaled(spec: NetSpec, factor: float) -> NetSpec:
-    def width(c: int) -> int:
-        return max(2, 2 * round(c * factor / 2))  # even widths, as the space draws them
-
-    blocks = tuple(ConvBlock(tuple(Conv(width(c.out_channels), c.kernel, c.padding) for c in b.convs), b.batchnorm,
-                             b.dropout, b.pool) if isinstance(b, ConvBlock)
-                   else Transition(width(b.out_channels), b.batchnorm, b.pool) for b in spec.blocks)
-    return NetSpec(blocks, spec.head, spec.in_channels, spec.input_size, spec.num_classes)
-
-
-def fit_widths(spec: NetSpec, target: int) -> NetSpec:
-    """The spec with every width scaled by one factor: the largest network of at most `target` parameters (the
-    narrowest, widths of 2, when even that is over). Parameters grow with the factor, so a bisection finds it."""
-    if count_params(spec) == target:
-        return spec
-    low, high = 0.0, 1.0
-    while count_params(_scaled(spec, high)) <= target and high < 64:
-        low, high = high, high * 2
-    for _ in range(30):
-        mid = (low + high) / 2
-        low, high = (mid, high) if count_params(_scaled(spec, mid)) <= target else (low, mid)
-    return _filled(_scaled(spec, low), target)
-
-
-def _widths(spec: NetSpec) -> list[int]:
-    return [c.out_channels for b in spec.blocks for c in (b.convs if isinstance(b, ConvBlock) else (b,))]
-
-
-def _with_widths(spec: NetSpec, widths: list[int]) -> NetSpec:
-    it = iter(widths)
-    blocks = tuple(ConvBlock(tuple(Conv(next(it), c.kernel, c.padding) for c in b.convs), b.batchnorm, b.dropout,
-                             b.pool) if isinstance(b, ConvBlock) else Transition(next(it), b.batchnorm, b.pool)
-                   for b in spec.blocks)
-    return NetSpec(blocks, spec.head, spec.in_channels, spec.input_size, spec.num_classes)
-
-
-def _filled(spec: NetSpec, target: int) -> NetSpec:
-    """Widen single layers by 2, first to last and again, while the count stays within `target`: with widths of 4
-    to 8 one uniform step of 2 moves the count by up to a third, which this gives back."""
-    widths = _widths(spec)
-    grew = True
-    while grew:
-        grew = False
-        for i in range(len(widths)):
-            trial = widths[:i] + [widths[i] + 2] + widths[i + 1:]
-            if count_params(_with_widths(spec, trial)) <= target:
-                widths, grew = trial, True
-    return _with_widths(spec, widths)
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,7 +98,7 @@ def smallest_params(min_rf: int) -> int:
     for n_blocks in range(1, MAX_BLOCKS + 1):
         for convs, paddings, pools in product(product((1, 2, 3), repeat=n_blocks), product((0, 1), repeat=n_blocks),
                                               product((True, False), repeat=n_blocks)):
-            blocks = tuple(ConvBlock(tuple(Conv(2, 3, p) for _ in range(n)), True, 0.0, pool)
+            blocks = tuple(ConvBlock(tuple(Conv(NARROWEST, 3, p) for _ in range(n)), True, 0.0, pool)
                            for n, p, pool in zip(convs, paddings, pools))
             try:
                 analysis = analyze(NetSpec(blocks, Head("conv_gap")))

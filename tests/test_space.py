@@ -1,4 +1,5 @@
-"""The search space, tested with FixedTrial: presets are inside it, and both ends of the budget are reachable."""
+"""The search space, tested with FixedTrial: presets are inside it, and both ends of the budget are reachable; the
+one width rewriter and the one width-fitting algorithm."""
 
 import re
 import warnings
@@ -9,8 +10,10 @@ import pytest
 from models.budget import count_params
 from models.presets import PRESETS, _compact
 from models.spec import Conv, ConvBlock, Head, NetSpec, SpecError
-from search.space import ACCURACY_CHANNELS, PARETO_CHANNELS, encode, fit_widths, suggest
+from search.space import ACCURACY_CHANNELS, PARETO_CHANNELS, encode, suggest
 from search.engine import TrainConfig
+from search.engine.config import WEIGHT_DECAY
+from search.widths import fit_widths, map_widths, widths, with_widths
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -138,6 +141,9 @@ def test_training_choices_come_from_the_trial():
     _, cfg = suggest(optuna.trial.FixedTrial(params(b1_c1=8, b1_c2=8, b2_c1=8, b2_c2=8, optimizer="adamw",
                                                     adamw_lr=0.003, schedule="cosine", batch_size=64)), epochs=7)
     assert (cfg.optimizer, cfg.lr, cfg.schedule, cfg.batch_size, cfg.epochs) == ("adamw", 0.003, "cosine", 64, 7)
+    assert cfg.weight_decay == WEIGHT_DECAY["adamw"] == 1e-2  # decoupled decay: AdamW's own
+    _, cfg = suggest(optuna.trial.FixedTrial(params(b1_c1=8, b1_c2=8, b2_c1=8, b2_c2=8)))
+    assert cfg.weight_decay == WEIGHT_DECAY["sgd"] == TrainConfig().weight_decay
 
 
 def test_layouts_that_shrink_below_1x1_raise_spec_error():
@@ -145,3 +151,32 @@ def test_layouts_that_shrink_below_1x1_raise_spec_error():
                   t2=False, b3_convs=3, b3_padding=0, b3_c1=4, b3_c2=4, b3_c3=4, b3_pool=True)
     with pytest.raises(SpecError, match="must stay at least 1x1"):
         suggest(optuna.trial.FixedTrial(deep), channels=PARETO_CHANNELS)
+
+
+def test_one_rewriter_maps_every_width_in_order_and_keeps_the_rest():
+    spec = PRESETS["baseline"]
+    assert map_widths(spec, lambda c: c) == spec
+    doubled = map_widths(spec, lambda c: 2 * c)
+    assert widths(doubled) == [2 * c for c in widths(spec)]
+    assert doubled.head == spec.head and [type(b) for b in doubled.blocks] == [type(b) for b in spec.blocks]
+    counter = iter(range(1, 99))
+    assert with_widths(spec, list(range(1, len(widths(spec)) + 1))) == map_widths(spec, lambda _: next(counter))
+    with pytest.raises(ValueError, match="widths given"):
+        with_widths(spec, [8])
+
+
+def test_fitting_on_a_grid_of_one_shrinks_to_the_largest_net_under_the_budget():
+    """What repair asks of it: widths of any size down to 1, none above the spec's own, as many parameters as fit."""
+    for name, spec in PRESETS.items():
+        for target in (600, 2_000, 5_000):
+            if count_params(spec) <= target:
+                continue
+            fitted = fit_widths(spec, target, step=1, narrowest=1, shrink_only=True)
+            n = count_params(fitted)
+            assert 0.9 * target <= n <= target, (name, target, n)
+            assert all(1 <= w <= v for w, v in zip(widths(fitted), widths(spec))), name
+            assert all(count_params(with_widths(spec, widths(fitted)[:i] + [w + 1] + widths(fitted)[i + 1:])) > target
+                       for i, w in enumerate(widths(fitted)) if w < widths(spec)[i])  # no single layer can grow
+    narrowest = fit_widths(PRESETS["baseline"], 10, step=1, narrowest=1, shrink_only=True)
+    assert set(widths(narrowest)) == {1} and count_params(narrowest) > 10  # even the narrowest is over: it, as is
+    assert fit_widths(PRESETS["tiny"], 10**6, shrink_only=True) == PRESETS["tiny"]  # within the target: as it is

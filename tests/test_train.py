@@ -1,7 +1,9 @@
-"""The training engine on small real data: it learns, it is deterministic, it survives a blow-up."""
+"""The training engine on small real data: it learns, it is deterministic, it survives a blow-up, and it says
+which step path it took."""
 
 
 import copy
+import json
 
 import pytest
 import torch
@@ -81,10 +83,48 @@ def test_augmentation_moves_pixels_but_keeps_shape_and_background():
 
 
 def test_config_round_trips():
-    cfg = TrainConfig(epochs=3, optimizer="adamw", lr=1e-3)
+    cfg = TrainConfig(epochs=3, optimizer="adamw", lr=1e-3, step_milestones=(0.6, 0.9))
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # milestones a list in JSON
+    assert cfg.to_dict() == json.loads(json.dumps(cfg.to_dict()))  # as stored: a certificate compares the two
     with pytest.raises(ValueError, match="unknown field"):
-        TrainConfig.from_dict({**cfg.to_dict(), "momentum": 0.9})
+        TrainConfig.from_dict({**cfg.to_dict(), "nesterov": True})
+
+
+def test_a_config_stored_before_the_recipe_constants_takes_their_defaults():
+    stored = {"epochs": 15, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4,
+              "schedule": "step", "label_smoothing": 0.1, "augment": 1.0, "seed": 2}  # a trial's config before #28
+    cfg = TrainConfig.from_dict(stored)
+    assert cfg == TrainConfig(**stored) and cfg.momentum == 0.9 and cfg.step_milestones == (0.5, 0.75)
+    del stored["epochs"]  # a field it always had, whose default has changed since: refused, not guessed
+    with pytest.raises(ValueError, match=r"missing field\(s\) \['epochs'\]"):
+        TrainConfig.from_dict(stored)
+
+
+def test_the_default_recipe_is_torchs_onecycle_and_says_what_it_does_to_momentum():
+    """The recipe's constants reproduce what training did before they were named (torch's OneCycleLR defaults,
+    milestones at 1/2 and 3/4): the whole step's per-step schedule against torch's own schedulers."""
+    from search.engine.whole_step import schedule
+
+    steps_per_epoch, cfg = 10, TrainConfig(epochs=4)
+    total = cfg.epochs * steps_per_epoch
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=total, pct_start=0.3)
+    lrs, moms = [], []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        moms.append(opt.param_groups[0]["momentum"])
+        opt.step()
+        sched.step()
+    assert schedule(cfg, steps_per_epoch)[0][:-1] == lrs and schedule(cfg, steps_per_epoch)[1] == moms
+    # Momentum: 0.95 at the start, 0.85 at the end of the 30% warm-up (the learning rate's peak), 0.95 at the end.
+    warm = int(cfg.onecycle_warmup * total) - 1
+    assert moms[0] == cfg.onecycle_max_momentum == 0.95 and moms[warm] == pytest.approx(0.85)
+    assert min(moms) == pytest.approx(cfg.onecycle_base_momentum) and moms[-1] == pytest.approx(0.95, abs=1e-3)
+    assert lrs[0] == pytest.approx(cfg.lr / 25) and max(lrs) == pytest.approx(cfg.lr)
+    step_lrs, step_moms = schedule(TrainConfig(epochs=4, schedule="step"), steps_per_epoch)
+    assert step_lrs[total // 2 - 1] == 0.1 and step_lrs[total // 2] == pytest.approx(0.01)
+    assert step_lrs[total * 3 // 4] == pytest.approx(0.001) and set(step_moms) == {0.9}  # `momentum`, constant
 
 
 def _double(mnist, n_train: int, n_val: int) -> tuple:
@@ -174,7 +214,7 @@ def test_sharded_batchnorm_normalises_per_shard_and_averages_running_statistics(
     x, y = to_device(mnist.train.head(64), torch.device("cpu"))
     x = x.double()
     cfg = TrainConfig(epochs=1, batch_size=64, augment=0.0, lr=1e-3)
-    step = WholeStep(model, x, y, cfg, nn.CrossEntropyLoss(), False, 1, capture=False, bf16=False, shards=2)
+    step = WholeStep(model, x, y, cfg, nn.CrossEntropyLoss(), 1, capture=False, bf16=False, shards=2)
     try:
         step.start_epoch(torch.arange(64), None)
         step.step()
@@ -279,3 +319,72 @@ def test_small_nets_shard_on_a_cpu_and_the_history_says_so(mnist):
     assert history.shards == 2
     assert fit(build(PRESETS["tiny"]), mnist.train.head(256), mnist.val.head(64), TrainConfig(epochs=1),
                device="cpu", progress=False, shards=1).shards == 1
+
+
+def test_the_history_records_the_step_path_the_planned_engine_names(mnist):
+    from search.engine import planned_engine
+
+    torch.set_num_threads(2)
+    data = (*to_device(mnist.train.head(256), torch.device("cpu")), *to_device(mnist.val.head(64), torch.device("cpu")))
+    macs = analyze(PRESETS["tiny"]).macs
+    for cfg, options, path in ((TrainConfig(epochs=1), {}, "whole_step_sharded"),
+                               (TrainConfig(epochs=1), {"shards": 1}, "whole_step"),
+                               (TrainConfig(epochs=1), {"whole_step": False}, "eager"),
+                               (TrainConfig(epochs=1, optimizer="adamw"), {}, "eager")):
+        history = fit(build(PRESETS["tiny"]), None, None, cfg, device="cpu", progress=False, data_on_device=data,
+                      **options)
+        assert history.step_path == path and history.fallback is None
+        assert history.to_dict()["step_path"] == path
+        if not options:  # what the search plans before training, and the key's engine part after
+            assert planned_engine(cfg, torch.device("cpu"), macs, 256) == history.engine()
+
+
+def test_a_refused_capture_is_recorded_and_other_errors_are_raised(mnist, monkeypatch):
+    """The fallback logic without a GPU: the trainer told to capture, with the capture made to fail as torch's does."""
+    from search.engine import loop, runtime
+
+    x, y = to_device(mnist.train.head(128), torch.device("cpu"))
+
+    def trainer(cfg):
+        return loop._Trainer(build(PRESETS["tiny"]), x, y, cfg, torch.device("cpu"), False, 2, graphs=True,
+                             whole_step=cfg.optimizer == "sgd", shards=1, compile_model=False)
+
+    def refused(*args, **kwargs):
+        with runtime.capturing():
+            raise RuntimeError("operation not permitted when stream is capturing\nmore text")
+
+    monkeypatch.setattr(WholeStep, "_capture", refused)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed, training uncaptured"):
+        sgd = trainer(TrainConfig(epochs=1))
+    assert sgd.step_path == "whole_step" and sgd.stepper.graph is None
+    assert sgd.fallback == "RuntimeError: operation not permitted when stream is capturing"
+    monkeypatch.setattr(loop, "graph_model", refused)
+    with pytest.warns(UserWarning):
+        adamw = trainer(TrainConfig(epochs=1, optimizer="adamw"))
+    assert adamw.step_path == "eager" and adamw.fallback.startswith("RuntimeError")
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not a capture")
+
+    monkeypatch.setattr(WholeStep, "_capture", broken)
+    with pytest.raises(ValueError, match="a bug, not a capture"):
+        trainer(TrainConfig(epochs=1))
+    for error in (torch.OutOfMemoryError("CUDA out of memory"), ValueError("not torch's refusal")):
+        with pytest.raises(type(error)):
+            with runtime.capturing():
+                raise error
+
+
+def test_cudnn_benchmark_is_set_once_per_process(monkeypatch):
+    from search.engine import runtime
+
+    before = torch.backends.cudnn.benchmark
+    monkeypatch.setattr(runtime, "_cudnn_benchmark_set", False)
+    try:
+        runtime.configure(torch.device("cuda"), graphs=True)
+        assert torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = False  # the caller's choice after the first fit stands
+        runtime.configure(torch.device("cuda"), graphs=True)
+        assert not torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = before

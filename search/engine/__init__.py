@@ -1,17 +1,16 @@
 """The training engine: the whole split as tensors on the device, batches by index, augmentation on whole batches,
 and SGD steps that a GPU replays as one CUDA graph. No Optuna here.
 
-    config.py      TrainConfig, EpochRecord, History, resolve_device
+    config.py      TrainConfig (every training constant), EpochRecord, History (with the step path), resolve_device
     runtime.py     process-wide settings, done once: threads, malloc, cuDNN, bfloat16, capture lock; safe-point stops
     steps.py       data on the device, augmentation, optimizer and schedule, one batch's loss, the ordinary epoch
     whole_step.py  the whole SGD step on fixed buffers (CUDA graph; sharded across threads on a CPU)
     loop.py        fit and evaluate
 """
 
-from search.engine.config import EpochRecord, History, TrainConfig, resolve_device
+from search.engine.config import STEP_PATHS, EpochRecord, History, TrainConfig, resolve_device
 from search.engine.loop import evaluate, fit, planned_engine
 from search.engine.steps import augment_batch, to_device
 
-__all__ = ["EpochRecord", "History", "TrainConfig", "augment_batch", "evaluate", "fit", "planned_engine",
-           "resolve_device",
-           "to_device"]
+__all__ = ["STEP_PATHS", "EpochRecord", "History", "TrainConfig", "augment_batch", "evaluate", "fit",
+           "planned_engine", "resolve_device", "to_device"]

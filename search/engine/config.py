@@ -1,5 +1,5 @@
-"""What a training run takes and gives back: `TrainConfig` (every hyperparameter, with its default), `EpochRecord`
-and `History`, and the device name."""
+"""What a training run takes and gives back: `TrainConfig` (every training constant, with its default, unit or
+reason), `EpochRecord` and `History` (with the step path the fit took), and the device name."""
 
 from __future__ import annotations
 
@@ -13,56 +13,109 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
+# The step paths a fit can take (History.step_path): the whole SGD step of engine/whole_step.py eagerly, split
+# across CPU threads, or replayed as one CUDA graph; torch's optimizer with the forward and backward as CUDA graphs,
+# as it is, or through torch.compile.
+STEP_PATHS = ("whole_step", "whole_step_sharded", "cuda_graph", "graphed_callables", "eager", "compiled")
+# Weight decay per optimizer, as the search space sets it: L2 added to the gradient for SGD, decoupled for AdamW
+# (which is why its value is 20x SGD's; it is multiplied by the learning rate in both).
+WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2}
+# What augment=1.0 means: a rotation of up to +-8 degrees, a scale of up to +-8%, a shift of up to +-2 px, each
+# uniform in its range and multiplied by `augment`.
+AUGMENT_UNIT = {"degrees": 8.0, "scale": 0.08, "shift_px": 2.0}
+# Fields added by issue #28: a training config stored before them lacks them and takes their defaults, which are
+# what training did then. Any other missing field is an error (the defaults of the others may have changed since).
+_ADDED_IN_28 = ("momentum", "onecycle_warmup", "onecycle_max_momentum", "onecycle_base_momentum",
+                "onecycle_start_div", "onecycle_end_div", "step_milestones", "step_gamma", "eval_batch_cpu",
+                "eval_batch_cuda")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every training hyperparameter, with its default, in one place."""
+    """Every training constant, with its default, in one place. The defaults are the recipe the search and the
+    presets train with; the search space draws optimizer, lr, batch size, schedule, smoothing and augmentation."""
 
-    epochs: int = 15  # passes over the training split; the rules allow at most RULES.max_epochs
+    epochs: int = RULES.max_epochs  # passes over the training split: the most the rules allow (20)
     batch_size: int = 64  # images per step (docs/engine.md has the batch sizes measured)
-    optimizer: str = "sgd"  # "sgd" (Nesterov, momentum 0.9) or "adamw"
+    optimizer: str = "sgd"  # "sgd" (Nesterov momentum) or "adamw" (beta2 0.999 and eps 1e-8: torch's)
     lr: float = 0.1  # peak learning rate: OneCycle's maximum, the start of step and cosine schedules
-    weight_decay: float = 5e-4  # L2 on conv weights, scaled by the learning rate as usual for SGD
-    schedule: str = "onecycle"  # "onecycle" (30% warm-up, cosine down), "step" (x0.1 at 50% and 75%), "cosine"
+    # SGD's Nesterov momentum, or AdamW's beta1, under the step and cosine schedules. OneCycle overrides it: it
+    # cycles the momentum (or beta1) itself, below.
+    momentum: float = 0.9
+    weight_decay: float = WEIGHT_DECAY["sgd"]  # on conv weights only (BatchNorm and biases not decayed)
+    schedule: str = "onecycle"  # "onecycle", "step" or "cosine" (down to 0 at the last step), per step, not epoch
+    # OneCycle: the learning rate rises from lr / onecycle_start_div to lr over the first onecycle_warmup of the
+    # steps, then falls along a cosine to lr / (onecycle_start_div * onecycle_end_div) at the last step. The momentum
+    # (SGD) or beta1 (AdamW) moves the other way: onecycle_max_momentum at the start, down to
+    # onecycle_base_momentum at the peak, back up to onecycle_max_momentum at the end (torch's OneCycleLR defaults).
+    onecycle_warmup: float = 0.3  # fraction of all steps
+    onecycle_max_momentum: float = 0.95
+    onecycle_base_momentum: float = 0.85
+    onecycle_start_div: float = 25.0  # the first step's learning rate is lr / 25
+    onecycle_end_div: float = 1e4  # the last step's is the first's / 10,000
+    # "step": the learning rate times step_gamma after each of these fractions of all steps.
+    step_milestones: tuple[float, ...] = (0.5, 0.75)
+    step_gamma: float = 0.1
     label_smoothing: float = 0.05  # probability mass spread over the other classes
-    # Strength of the random affine: 1.0 = +-8 deg, +-8% scale, +-2 px shift; 0 = off. 0.5 because small nets
-    # underfit under more (the compact preset did better at 0.5 than at 1.0; figures in docs/engine.md).
+    # Strength of the random affine, in units of AUGMENT_UNIT (1.0 = +-8 deg, +-8% scale, +-2 px shift); 0 = off.
+    # 0.5 because small nets underfit under more (figures in docs/engine.md).
     augment: float = 0.5
-    seed: int = 0  # weights, batch order and augmentation
+    # Images per evaluation batch (evaluation only: the results do not depend on it beyond float rounding). On the
+    # CPU a baseline's activations at 500 stay under the malloc threshold runtime.tune_cpu_allocator sets; on CUDA
+    # larger batches mean fewer launches (docs/engine.md).
+    eval_batch_cpu: int = 500
+    eval_batch_cuda: int = 2000
+    seed: int = 0  # weights, batch order, augmentation and dropout
 
     def __post_init__(self) -> None:
-        def bad(name, value, limit):
-            raise ValueError(f"{name}={value!r}: {limit}")
-
+        object.__setattr__(self, "step_milestones", tuple(self.step_milestones))  # a list from JSON, hashable
         top = RULES.max_epochs
-        if not isinstance(self.epochs, int) or not 1 <= self.epochs <= top:
-            bad("epochs", self.epochs, f"must be from 1 to {top} (the exercise allows at most {top} epochs)")
-        if not isinstance(self.batch_size, int) or self.batch_size < 2:
-            bad("batch_size", self.batch_size, "must be an integer of at least 2 (BatchNorm needs two images)")
-        if self.optimizer not in OPTIMIZERS:
-            bad("optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
-        if self.schedule not in SCHEDULES:
-            bad("schedule", self.schedule, f"must be one of {SCHEDULES}")
-        if not self.lr > 0:
-            bad("lr", self.lr, "must be positive")
-        if not self.weight_decay >= 0:
-            bad("weight_decay", self.weight_decay, "must be zero or positive")
-        if not 0 <= self.label_smoothing < 1:
-            bad("label_smoothing", self.label_smoothing, "must be in [0, 1)")
-        if not 0 <= self.augment <= 3:
-            bad("augment", self.augment, "must be from 0 (off) to 3")
+        for name, ok, limit in (
+                ("epochs", isinstance(self.epochs, int) and 1 <= self.epochs <= top,
+                 f"must be from 1 to {top} (the exercise allows at most {top} epochs)"),
+                ("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 2,
+                 "must be an integer of at least 2 (BatchNorm needs two images)"),
+                ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
+                ("schedule", self.schedule in SCHEDULES, f"must be one of {SCHEDULES}"),
+                ("lr", self.lr > 0, "must be positive"),
+                ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
+                ("weight_decay", self.weight_decay >= 0, "must be zero or positive"),
+                ("onecycle_warmup", 0 < self.onecycle_warmup < 1, "must be in (0, 1)"),
+                ("onecycle_base_momentum", 0 <= self.onecycle_base_momentum <= self.onecycle_max_momentum < 1,
+                 f"must be in [0, onecycle_max_momentum={self.onecycle_max_momentum!r}], which must be under 1"),
+                ("onecycle_start_div", self.onecycle_start_div >= 1, "must be at least 1"),
+                ("onecycle_end_div", self.onecycle_end_div >= 1, "must be at least 1"),
+                ("step_milestones", all(a < b for a, b in zip((0, *self.step_milestones), (*self.step_milestones, 1))),
+                 "must be increasing fractions in (0, 1)"),
+                ("step_gamma", 0 < self.step_gamma <= 1, "must be in (0, 1]"),
+                ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
+                ("augment", 0 <= self.augment <= 3, "must be from 0 (off) to 3"),
+                ("eval_batch_cpu", isinstance(self.eval_batch_cpu, int) and self.eval_batch_cpu >= 1,
+                 "must be a positive integer"),
+                ("eval_batch_cuda", isinstance(self.eval_batch_cuda, int) and self.eval_batch_cuda >= 1,
+                 "must be a positive integer")):
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r}: {limit}")
+
+    def eval_batch(self, device: torch.device) -> int:
+        return self.eval_batch_cuda if device.type == "cuda" else self.eval_batch_cpu
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as JSON has them (tuples as lists), so that a stored config compares equal to a fresh one."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
+        """A stored config; one stored before issue #28 lacks its fields and takes their defaults (what training
+        did then)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"training config: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        missing = sorted(known - set(data) - set(_ADDED_IN_28))
+        if missing:
+            raise ValueError(f"training config: missing field(s) {missing}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 @dataclass
@@ -85,14 +138,22 @@ class History:
     n_params: int = 0
     precision: str = "fp32"  # "bf16" (autocast) or "fp32"
     shards: int = 1  # threads each CPU batch was split across; BatchNorm normalised each shard on its own
+    step_path: str = "eager"  # the path the steps took: one of STEP_PATHS
+    fallback: str | None = None  # why the planned CUDA capture failed, when the fit went on another path
 
     @property
     def final_val_acc(self) -> float:
         return self.epochs[-1].val_acc if self.epochs else float("nan")
 
+    def engine(self) -> dict:
+        """What the engine did that changes the result: precision, CPU shards and the step path. The same dict as
+        `planned_engine` gave before training unless the fit fell back to another path: the duplicate key's engine
+        part once trained."""
+        return {"precision": self.precision, "shards": self.shards, "step_path": self.step_path}
+
     def to_dict(self) -> dict:
-        return {"status": self.status, "device": self.device, "n_params": self.n_params, "precision": self.precision,
-                "epochs": [asdict(e) for e in self.epochs]}
+        return {"status": self.status, "device": self.device, "n_params": self.n_params, **self.engine(),
+                "fallback": self.fallback, "epochs": [asdict(e) for e in self.epochs]}
 
 
 def resolve_device(device: str = "auto") -> torch.device:

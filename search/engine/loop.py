@@ -1,7 +1,8 @@
 """`fit`: train a model on tensors already on the device, evaluate after every epoch, call back once per epoch.
 
 It knows nothing of Optuna. `on_epoch` gets each epoch's record and stops training by returning True (this is how
-pruning plugs in). A NaN or infinite loss ends training with status "nan" rather than an exception.
+pruning plugs in). A NaN or infinite loss ends training with status "nan" rather than an exception. The History
+records the step path the fit took.
 """
 
 from __future__ import annotations
@@ -18,18 +19,15 @@ from torch import nn
 from search.data import Split
 from search.engine import runtime
 from search.engine.config import EpochRecord, History, TrainConfig, resolve_device
+from search.engine.runtime import CaptureFailed
 from search.engine.steps import graph_model, make_optimizer, make_scheduler, random_affine, to_device, train_epoch
 from search.engine.whole_step import WholeStep, cpu_shards
 
-# Activations in channels_last everywhere: it was faster for the larger nets that dominate a search's time on the
-# CPU, and cuDNN's NHWC kernels are the fast path for bfloat16 convs on CUDA (docs/engine.md).
-CHANNELS_LAST = True
-
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000,
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = TrainConfig.eval_batch_cuda,
              channels_last: bool = False, bf16: bool | None = None) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (fraction) in large batches, with the model in eval mode."""
+    """Mean cross-entropy and accuracy (fraction) in batches of `batch_size` images, with the model in eval mode."""
     if len(y) == 0:
         return float("nan"), float("nan")
     model.eval()
@@ -42,7 +40,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
             logits = model(xb)
         loss_sum += torch.nn.functional.cross_entropy(logits.float(), yb, reduction="sum")
         correct += (logits.argmax(1) == yb).sum()
-        runtime.stop_point()  # an evaluation of 10,000 images takes about a second on 2 cores
+        runtime.stop_point()  # between batches: evaluating a whole split on a CPU takes long enough to want one
     return loss_sum.item() / len(y), correct.item() / len(y)
 
 
@@ -51,12 +49,13 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
         progress: bool | None = None, data_on_device: tuple | None = None, reset_weights: bool = True,
         compile_model: bool = False, cuda_graphs: bool = True, precision: str = "auto",
         whole_step: bool | None = None, shards: int | None = None) -> History:
-    """Train `model` on `train`, evaluating on `val` after every epoch; returns the History.
+    """Train `model` on `train`, evaluating on `val` after every epoch; returns the History, which says the step
+    path the fit took (`step_path`) and, where a CUDA capture was refused and it went on uncaptured, why (`fallback`).
 
     Outside the model it changes: torch's global seed (cfg.seed), and once per process `runtime.configure` (glibc's
-    malloc thresholds on a CPU, cuDNN's benchmark mode with CUDA graphs).
+    malloc thresholds on a CPU, cuDNN's benchmark mode with CUDA graphs). Weights and activations are channels_last.
     `reset_weights`: draw the model's initial weights from cfg.seed (every module's reset_parameters), so one seed
-    gives one run however the model was built; False trains the weights it has.
+    gives one run however the model was built; False trains the weights it has (a module's own initialisation).
     `data_on_device`: the (x_train, y_train, x_val, y_val) tensors from `to_device`, to share one copy across trials.
     `progress`: a rich progress bar; by default only when stderr is a terminal.
     `compile_model`: run the steps through torch.compile (its compile time lands in the first epoch's seconds).
@@ -77,9 +76,7 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
                 module.reset_parameters()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     x_train, y_train, x_val, y_val = data_on_device or (*to_device(train, device), *to_device(val, device))
-    model = model.to(device)
-    if CHANNELS_LAST:
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(device).to(memory_format=torch.channels_last)
     n = len(y_train)
     graphs, whole_step = _step_path(cfg, device, n, cuda_graphs, compile_model, whole_step, shards)
     runtime.configure(device, graphs)
@@ -88,32 +85,11 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
     trainer = _Trainer(model, x_train, y_train, cfg, device, bf16, steps_per_epoch, graphs, whole_step, shards,
                        compile_model)
     history = History(device=str(device), n_params=sum(p.numel() for p in model.parameters()),
-                      precision="bf16" if bf16 else "fp32", shards=trainer.shards)
-    # Images per evaluation batch: on the CPU, 500 keeps a baseline's activations under the malloc threshold that
-    # runtime.tune_cpu_allocator sets (larger batches evaluated at half the speed).
-    eval_batch = 2000 if device.type == "cuda" else 500
+                      precision="bf16" if bf16 else "fp32", shards=trainer.shards, step_path=trainer.step_path,
+                      fallback=trainer.fallback)
     bar = _Progress(cfg.epochs * steps_per_epoch) if (sys.stderr.isatty() if progress is None else progress) else None
     try:
-        for epoch in range(1, cfg.epochs + 1):
-            start = time.perf_counter()
-            loss_sum, correct, seen = trainer.epoch(gen, (lambda: bar.advance(epoch)) if bar else None)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            train_seconds = time.perf_counter() - start
-            train_loss = loss_sum.item() / seen
-            if not math.isfinite(train_loss):
-                history.status = "nan"
-                return history
-            val_loss, val_acc = evaluate(trainer.step_model, x_val, y_val, eval_batch, CHANNELS_LAST, bf16)
-            record = EpochRecord(epoch, train_loss, correct.item() / seen, val_loss, val_acc, trainer.lr,
-                                 time.perf_counter() - start, seen / train_seconds)
-            history.epochs.append(record)
-            if bar:
-                bar.describe(record)
-            if on_epoch is not None and on_epoch(record):
-                history.status = "stopped"
-                return history
-        history.status = "completed"
+        history.status = _epochs(trainer, history, gen, (x_val, y_val), on_epoch, bar)
         return history
     finally:
         if bar:
@@ -121,15 +97,40 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
         trainer.close()
 
 
+def _epochs(trainer: "_Trainer", history: History, gen: torch.Generator, val: tuple, on_epoch, bar) -> str:
+    """Train and evaluate epoch by epoch, appending to `history`; the status it ended with."""
+    cfg, device = trainer.cfg, trainer.x_train.device
+    for epoch in range(1, cfg.epochs + 1):
+        start = time.perf_counter()
+        loss_sum, correct, seen = trainer.epoch(gen, (lambda: bar.advance(epoch)) if bar else None)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_seconds = time.perf_counter() - start
+        train_loss = loss_sum.item() / seen
+        if not math.isfinite(train_loss):
+            return "nan"
+        val_loss, val_acc = evaluate(trainer.step_model, *val, cfg.eval_batch(device), True, trainer.bf16)
+        record = EpochRecord(epoch, train_loss, correct.item() / seen, val_loss, val_acc, trainer.lr,
+                             time.perf_counter() - start, seen / train_seconds)
+        history.epochs.append(record)
+        if bar:
+            bar.describe(record)
+        if on_epoch is not None and on_epoch(record):
+            return "stopped"
+    return "completed"
+
+
 def planned_engine(cfg: TrainConfig, device: torch.device, macs_per_image: int, n_train: int,
                    precision: str = "auto") -> dict:
-    """The precision and CPU shard count `fit` will train with here, known before training: both change how a net
-    trains (bf16 rounding; BatchNorm statistics per shard), so a stored result is reused only where they match."""
+    """What `fit` (with its defaults) will train with here, known before training: precision, CPU shard count and
+    step path. Each changes how a net trains (bf16 rounding; BatchNorm statistics per shard; the update's
+    arithmetic), so a stored result is reused only where they match. `History.engine()` says what the fit did."""
     bf16 = runtime.use_bf16(device, precision)
-    _, whole_step = _step_path(cfg, device, n_train, cuda_graphs=True, compile_model=False, whole_step=None,
-                               shards=None)
+    graphs, whole_step = _step_path(cfg, device, n_train, cuda_graphs=True, compile_model=False, whole_step=None,
+                                    shards=None)
     shards = cpu_shards(cfg.batch_size, macs_per_image) if whole_step and device.type == "cpu" else 1
-    return {"precision": "bf16" if bf16 else "fp32", "shards": shards}
+    return {"precision": "bf16" if bf16 else "fp32", "shards": shards,
+            "step_path": _path_name(graphs, whole_step, shards, compile_model=False)}
 
 
 def _step_path(cfg: TrainConfig, device: torch.device, n: int, cuda_graphs: bool, compile_model: bool,
@@ -147,39 +148,57 @@ def _step_path(cfg: TrainConfig, device: torch.device, n: int, cuda_graphs: bool
     return graphs, whole_step
 
 
+def _path_name(graphs: bool, whole_step: bool, shards: int, compile_model: bool) -> str:
+    """The step path (config.STEP_PATHS) of a run with these settings, when every capture succeeds."""
+    if whole_step:
+        return "cuda_graph" if graphs else "whole_step_sharded" if shards > 1 else "whole_step"
+    if graphs:
+        return "graphed_callables"
+    return "compiled" if compile_model else "eager"
+
+
 class _Trainer:
     """One of the step paths fit can take: the whole SGD step (eager, sharded, or one CUDA graph), or torch's
-    optimizer with the model as it is, compiled, or captured as forward and backward graphs."""
+    optimizer with the model as it is, compiled, or captured as forward and backward graphs. Where torch refuses a
+    capture, the same steps uncaptured (the whole step eagerly, or torch's optimizer with the model as it is), the
+    refusal kept in `fallback`; every other error is raised."""
 
     def __init__(self, model, x_train, y_train, cfg: TrainConfig, device, bf16: bool, steps_per_epoch: int,
                  graphs: bool, whole_step: bool, shards: int | None, compile_model: bool):
         self.model, self.x_train, self.y_train, self.cfg, self.bf16 = model, x_train, y_train, cfg, bf16
         self.steps_per_epoch = steps_per_epoch
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.step_model, self.stepper = model, None
-        try:
-            if whole_step:
-                if shards is None and device.type == "cpu":
-                    from models.budget import module_table
+        self.step_model, self.stepper, self.fallback = model, None, None
+        if whole_step:
+            if shards is None and device.type == "cpu":
+                from models.budget import module_table
 
-                    macs = sum(row.macs for row in module_table(model, (1, *x_train.shape[1:]))[0])
-                    shards = cpu_shards(cfg.batch_size, macs)
-                self.stepper = WholeStep(model, x_train, y_train, cfg, self.criterion, CHANNELS_LAST, steps_per_epoch,
-                                         capture=graphs, bf16=bf16, shards=1 if shards is None else shards)
-            elif graphs:
-                example = x_train[:cfg.batch_size].contiguous(memory_format=torch.channels_last if CHANNELS_LAST
-                                                               else torch.contiguous_format)
-                self.step_model = graph_model(model, example, bf16)
-        except Exception as err:  # a model the capture cannot take still trains, eagerly
-            if device.type != "cuda":
-                raise
-            warnings.warn(f"CUDA graph capture failed, training eagerly: {type(err).__name__}: {err}", stacklevel=3)
-            self.step_model, self.stepper = model, None
-        if self.stepper is None:
+                macs = sum(row.macs for row in module_table(model, (1, *x_train.shape[1:]))[0])
+                shards = cpu_shards(cfg.batch_size, macs)
+            shards = 1 if shards is None else shards
+            try:
+                self.stepper = WholeStep(model, x_train, y_train, cfg, self.criterion, steps_per_epoch,
+                                         capture=graphs, bf16=bf16, shards=shards)
+            except CaptureFailed as err:
+                self._fell_back(err)
+                self.stepper = WholeStep(model, x_train, y_train, cfg, self.criterion, steps_per_epoch,
+                                         capture=False, bf16=bf16, shards=shards)
+        else:
+            if graphs:
+                try:
+                    example = x_train[:cfg.batch_size].contiguous(memory_format=torch.channels_last)
+                    self.step_model = graph_model(model, example, bf16)
+                except CaptureFailed as err:
+                    self._fell_back(err)
             self.step_model = torch.compile(model) if compile_model else self.step_model
             self.opt = make_optimizer(model, cfg)
             self.sched = make_scheduler(self.opt, cfg, steps_per_epoch)
         self.shards = self.stepper.shards if self.stepper is not None else 1
+        self.step_path = _path_name(graphs and self.fallback is None, whole_step, self.shards, compile_model)
+
+    def _fell_back(self, err: CaptureFailed) -> None:
+        self.fallback = str(err)
+        warnings.warn(f"CUDA graph capture failed, training uncaptured: {err}", stacklevel=4)
 
     def epoch(self, gen: torch.Generator, advance) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One epoch: its shuffled order and augmentation drawn from `gen`; the summed loss, correct, images seen."""
@@ -189,7 +208,7 @@ class _Trainer:
         thetas = random_affine(n, cfg.augment, gen) if cfg.augment > 0 else None
         if self.stepper is None:
             return train_epoch(self.step_model, self.opt, self.sched, self.criterion, self.x_train, self.y_train,
-                               order, thetas, cfg.batch_size, self.steps_per_epoch, CHANNELS_LAST, self.bf16, advance)
+                               order, thetas, cfg.batch_size, self.steps_per_epoch, self.bf16, advance)
         self.stepper.start_epoch(order, thetas)
         for _ in range(self.steps_per_epoch):
             self.stepper.step()
@@ -224,7 +243,8 @@ class _Progress:
         self._progress.update(self._task, advance=1, epoch=epoch)
 
     def describe(self, r: EpochRecord) -> None:
-        self._progress.update(self._task, info=f"val {r.val_acc:.2%}  loss {r.train_loss:.3f}  {r.images_per_s:,.0f} img/s")
+        info = f"val {r.val_acc:.2%}  loss {r.train_loss:.3f}  {r.images_per_s:,.0f} img/s"
+        self._progress.update(self._task, info=info)
 
     def close(self) -> None:
         self._progress.stop()

@@ -19,13 +19,21 @@ from search.engine.config import PRECISIONS
 
 CAPTURE_LOCK = threading.Lock()  # one CUDA graph capture at a time in this process
 _allocator_tuned = False
+_cudnn_benchmark_set = False
+
+
+class CaptureFailed(Exception):
+    """torch refused to capture a CUDA graph of the step; the fit goes on uncaptured and records this text."""
 
 
 def configure(device: torch.device, graphs: bool) -> None:
-    """What a fit changes outside its model, once per process: malloc on a CPU, cuDNN's benchmark mode for graphs."""
+    """What a fit changes outside its model, each once per process: malloc on a CPU, cuDNN's benchmark mode for the
+    first fit with CUDA graphs (later fits find it set; one that turns it off again is left alone)."""
+    global _cudnn_benchmark_set
     if device.type == "cpu":
         tune_cpu_allocator()
-    if graphs:
+    if graphs and not _cudnn_benchmark_set:
+        _cudnn_benchmark_set = True
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
 
 
@@ -89,6 +97,19 @@ def tune_cpu_allocator() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
     mallopt(m_mmap_threshold, 32 << 20)
     mallopt(m_trim_threshold, 1 << 30)
+
+
+@contextlib.contextmanager
+def capturing():
+    """Around the call that captures a CUDA graph: torch's refusal (a RuntimeError) raised as CaptureFailed with its
+    text; running out of memory and every other error raised as they are."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as err:
+        first_line = (str(err).splitlines() or [""])[0]
+        raise CaptureFailed(f"{type(err).__name__}: {first_line}") from err
 
 
 @contextlib.contextmanager

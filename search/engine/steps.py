@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from search.data import MEAN, STD, Split
-from search.engine.config import TrainConfig
-from search.engine.runtime import autocast, capture_guard, stop_point
+from search.engine.config import AUGMENT_UNIT, TrainConfig
+from search.engine.runtime import autocast, capture_guard, capturing, stop_point
 
 
 def to_device(split: Split, device: torch.device, stats: tuple[float, float] = (MEAN, STD)
@@ -31,9 +31,9 @@ def random_affine(n: int, strength: float, generator: torch.Generator) -> torch.
     augmentation instead of some twenty small kernels.
     """
     r = torch.rand(n, 4, generator=generator, device=generator.device) * 2 - 1  # uniform in [-1, 1]
-    angle = r[:, 0] * math.radians(8.0 * strength)
-    scale = 1 + r[:, 1] * 0.08 * strength
-    shift = r[:, 2:] * (2.0 * strength / (28 / 2))  # +-2 px in grid units ([-1, 1] spans the 28-px image)
+    angle = r[:, 0] * math.radians(AUGMENT_UNIT["degrees"] * strength)
+    scale = 1 + r[:, 1] * AUGMENT_UNIT["scale"] * strength
+    shift = r[:, 2:] * (AUGMENT_UNIT["shift_px"] * strength / (28 / 2))  # px in grid units ([-1, 1] spans 28 px)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     return torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
 
@@ -56,27 +56,31 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))  # beta2: torch's default
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """The schedule, stepped once per training step (TrainConfig says what each does)."""
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.3)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=total, pct_start=cfg.onecycle_warmup,
+            base_momentum=cfg.onecycle_base_momentum, max_momentum=cfg.onecycle_max_momentum,
+            div_factor=cfg.onecycle_start_div, final_div_factor=cfg.onecycle_end_div)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[total // 2, total * 3 // 4], gamma=0.1)
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(total * f) for f in cfg.step_milestones],
+                                                gamma=cfg.step_gamma)
 
 
 def batch_loss(model: nn.Module, criterion: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
-               idx: torch.Tensor, thetas: torch.Tensor | None, channels_last: bool, bf16: bool):
+               idx: torch.Tensor, thetas: torch.Tensor | None, bf16: bool):
     """Gather a batch by index, warp it by its affine matrices, run the model: (logits, loss, labels)."""
     xb, yb = x_train[idx], y_train[idx]
     if thetas is not None:
         xb = apply_affine(xb, thetas)
-    if channels_last:
-        xb = xb.contiguous(memory_format=torch.channels_last)
+    xb = xb.contiguous(memory_format=torch.channels_last)  # as the model's weights (fit)
     with autocast(xb.device, bf16):
         logits = model(xb)
         # The loss in float32 at least (bfloat16 logits lose the small differences it is made of); a float64 model
@@ -86,7 +90,7 @@ def batch_loss(model: nn.Module, criterion: nn.Module, x_train: torch.Tensor, y_
 
 
 def train_epoch(step_model, opt, sched, criterion, x_train, y_train, order, thetas, batch_size: int,
-                steps: int, channels_last: bool, bf16: bool, advance) -> tuple[torch.Tensor, torch.Tensor, int]:
+                steps: int, bf16: bool, advance) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One epoch of ordinary steps; returns the summed loss, the number correct and the number of images seen."""
     loss_sum = torch.zeros((), device=x_train.device)
     correct = torch.zeros((), device=x_train.device, dtype=torch.long)
@@ -94,7 +98,7 @@ def train_epoch(step_model, opt, sched, criterion, x_train, y_train, order, thet
     for step in range(steps):
         batch = slice(step * batch_size, (step + 1) * batch_size)
         logits, loss, yb = batch_loss(step_model, criterion, x_train, y_train, order[batch],
-                                      None if thetas is None else thetas[batch], channels_last, bf16)
+                                      None if thetas is None else thetas[batch], bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -111,9 +115,9 @@ def train_epoch(step_model, opt, sched, criterion, x_train, y_train, order, thet
 def graph_model(model: nn.Module, example: torch.Tensor, bf16: bool) -> nn.Module:
     """The model's training forward and backward captured as CUDA graphs (torch.cuda.make_graphed_callables), for
     steps that torch's optimizer takes (AdamW): two graph launches instead of one kernel launch per layer and op.
-    Evaluation (model.eval()) still runs the ordinary forward."""
+    Evaluation (model.eval()) still runs the ordinary forward. A capture torch refuses raises CaptureFailed."""
     extra = {}
     if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
         extra["capture_error_mode"] = "thread_local"  # other trials' threads may use the GPU meanwhile
-    with capture_guard(model, example.device), autocast(example.device, bf16):
+    with capture_guard(model, example.device), autocast(example.device, bf16), capturing():
         return torch.cuda.make_graphed_callables(model, (example,), **extra)

@@ -7,17 +7,17 @@ and accuracy sums are then all device work, and a step costs one graph launch in
 operation and the Python between them: a 20k-parameter net on a GPU is bound by those launches, not by arithmetic
 (docs/engine.md has the figures).
 
-Without capture (on the CPU) the same step runs eagerly, a little faster than torch's optimizer and scheduler
-(their Python per step is gone); tests/test_train.py holds it to the ordinary loop's weights.
+Without capture (on the CPU, or where torch refuses to capture the step) the same step runs eagerly, without the
+Python of torch's optimizer and scheduler per step; tests/test_train.py holds it to the ordinary loop's weights.
 
 On a CPU with several threads the step of a small net splits its batch into shards of at least 32 images, one per
 thread (`cpu_shards`): each shard gathers, augments, runs forward and backward on its own single-threaded worker and
 a replica of the model that shares its parameters; the gradients are summed in a fixed order and one SGD update
 follows. Small convolutions gain little from torch's intra-op threads, while independent single-threaded workers
-each run at full speed (a baseline-sized net, whose convolutions keep both threads busy, gains nothing and is not
-sharded; docs/engine.md has the figures). BatchNorm then
-normalises each shard by its own statistics ("ghost batch" normalisation, as on several GPUs without SyncBatchNorm);
-its running statistics are averaged across shards before every evaluation, so evaluation sees one set.
+each run at full speed (a baseline-sized net, whose convolutions keep the threads busy, gains nothing and is not
+sharded; docs/engine.md has the figures). BatchNorm then normalises each shard by its own statistics ("ghost
+batch" normalisation, as on several GPUs without SyncBatchNorm); its running statistics are averaged across shards
+before every evaluation, so evaluation sees one set.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
-from search.engine.runtime import capture_guard
+from search.engine.runtime import capture_guard, capturing
 from search.engine.steps import batch_loss, make_optimizer, make_scheduler
 
 
@@ -39,12 +39,12 @@ def schedule(cfg, steps_per_epoch: int) -> tuple[list[float], list[float]]:
     The learning rates have one more entry: the rate after the last step.
     """
     dummy = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.SGD([dummy], lr=cfg.lr, momentum=0.9, nesterov=True)
+    opt = torch.optim.SGD([dummy], lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     sched = make_scheduler(opt, cfg, steps_per_epoch)
     opt.step()  # no gradient, so a no-op; once, so that the scheduler does not warn of the call order
     group = opt.param_groups[0]
     lrs, moms = [], []
-    for _ in range(cfg.epochs * steps_per_epoch):  # the scheduler alone: no optimizer step per entry, 5x faster
+    for _ in range(cfg.epochs * steps_per_epoch):  # the scheduler alone: an optimizer step per entry costs more
         lrs.append(group["lr"])
         moms.append(group["momentum"])
         sched.step()
@@ -52,10 +52,13 @@ def schedule(cfg, steps_per_epoch: int) -> tuple[list[float], list[float]]:
     return lrs, moms
 
 
+# Engine constants, not recipe: they decide how a CPU step is spread over threads, and what that changes in training
+# (BatchNorm statistics per shard) is recorded as the fit's shard count, in History and in the duplicate key.
 MIN_SHARD = 32  # images per shard: BatchNorm statistics over at least the hand-made answers' batch of 32
-# Forward multiply-accumulates per image below which a CPU step shards: above it (baseline, 3.9 M) the convolutions
-# keep every thread busy anyway and sharding measured slower (docs/engine.md).
+# Forward multiply-accumulates per image from which a CPU step does not shard: a net this large keeps every thread
+# busy in its convolutions, and sharding it measured slower (docs/engine.md).
 SHARD_MAX_MACS = 2_500_000
+WARMUP_STEPS = 3  # eager steps on a side stream before a capture, in which cuDNN picks its kernels
 
 
 def cpu_shards(batch_size: int, macs_per_image: int) -> int:
@@ -88,7 +91,7 @@ class WholeStep:
     """
 
     def __init__(self, model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg, criterion: nn.Module,
-                 channels_last: bool, steps_per_epoch: int, capture: bool, bf16: bool, shards: int = 1):
+                 steps_per_epoch: int, capture: bool, bf16: bool, shards: int = 1):
         if cfg.optimizer != "sgd":
             raise ValueError(f"optimizer={cfg.optimizer!r}: the whole-step path does SGD only")
         if shards > 1 and (capture or x_train.device.type != "cpu"):
@@ -98,7 +101,7 @@ class WholeStep:
                              "(BatchNorm needs two images per shard)")
         device = x_train.device
         self.model, self.x_train, self.y_train, self.cfg, self.criterion = model, x_train, y_train, cfg, criterion
-        self.channels_last, self.bf16, self.shards = channels_last, bf16, shards
+        self.bf16, self.shards = bf16, shards
         n = len(y_train)
         self.order = torch.arange(n, device=device)
         self.thetas = torch.zeros(n, 2, 3, device=device)
@@ -173,7 +176,7 @@ class WholeStep:
     def _forward(self, model: nn.Module, offsets: torch.Tensor):
         pos = self.epoch_step * self.cfg.batch_size + offsets
         return batch_loss(model, self.criterion, self.x_train, self.y_train, self.order[pos],
-                          self.thetas[pos] if self.cfg.augment > 0 else None, self.channels_last, self.bf16)
+                          self.thetas[pos] if self.cfg.augment > 0 else None, self.bf16)
 
     def _step(self) -> None:
         logits, loss, yb = self._forward(self.model, self.offsets)
@@ -236,19 +239,20 @@ class WholeStep:
         """Warm up on a side stream (cuDNN picks its kernels), capture one step, then put back what warm-up changed.
 
         One capture at a time in the process (capture_guard, which also puts back what warm-up changed, also when the
-        capture fails and the trial goes on eagerly); "thread_local" lets other trials' threads use the GPU meanwhile.
+        capture fails); "thread_local" lets other trials' threads use the GPU meanwhile. A capture torch refuses
+        raises CaptureFailed (an error in the warm-up steps is the model's, and raised as it is).
         """
         with capture_guard(self.model, self.x_train.device, also_zero=(*self.bufs, self.global_step)):
             side = torch.cuda.Stream(self.x_train.device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(3):
+                for _ in range(WARMUP_STEPS):
                     self._reset_step()
                     self._step()
             torch.cuda.current_stream().wait_stream(side)
             self._reset_step()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with capturing(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._step()
         return graph
 
