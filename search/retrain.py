@@ -1,20 +1,19 @@
 """Certification: retrain a network on all 60,000 training images with several seeds, evaluate on the 10,000 test
-images after every epoch, save checkpoints and a certificate, and judge it against the four rules.
+images after every epoch, save a checkpoint per seed and write the certificate, judged against the four rules.
 
 What is certified (`Certifiable`): a stored trial (`best`, `certify --study S --trial N`), a preset, a spec JSON, or
 an nn.Module class of one's own (`certify TARGET`). Every rule that can be judged before training is judged first.
-`best --front` certifies every trial on the accuracy/size front above a floor and writes `front.json`.
+Which trials `best` certifies: search/choose.py; the files certification leaves and the report reads (best.json,
+front.json): search/certified_files.py; checkpoints: search/checkpoint.py. Their names stay importable from here.
 
 Files: <results>/certified/<name>/certificate.json and seed<K>.pt (name: the preset, the spec file's or class's
-name, or <study>-trial-<N>); <results>/<study>/best.json, a copy of the latest certificate `best` wrote (what the
-report shows); <results>/<study>/front.json.
+name, or <study>-trial-<N>).
 
 The test set is read here and nowhere else: the search selected on the validation split.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import platform
 import time
@@ -28,58 +27,17 @@ from models.budget import analyze, check
 from models.build import build
 from models.rules import RULES
 from models.spec import MAX_BUILT_PARAMS, NetSpec
-from search.certificate import (CHECKPOINT_FORMAT, CertificateError, CheckpointError, EvidenceMismatch,  # noqa: F401
-                                accuracy_row, judge_rules, load_checkpoint, read_certificate, read_front_file,
-                                sha256_file,
-                                spec_digest, verify)
-from search.data import DataError, load_data
+from search.certificate import CertificateError, CheckpointError, EvidenceMismatch  # noqa: F401
+from search.certified_files import (certificate_dir, front_summary, read_best, read_front,  # noqa: F401
+                                    reusable_certificate, write_best, write_front)
+from search.checkpoint import load_checkpoint, save_checkpoint, sha256_file, spec_digest  # noqa: F401
+from search.choose import front_to_certify, pick_winner  # noqa: F401
+from search.data import load_data
 from search.engine import TrainConfig, fit, resolve_device, to_device
-from search.fsio import atomic_write, atomic_write_text
-from search.record import (Outcome, TrialRecord, best_of, candidates, pareto_front, records, smallest_reaching,
-                           study_dataset)
-from search.storage import SearchError, provenance
-
-
-def pick_winner(study: optuna.Study, trial_number: int | None = None, target: float | None = None) -> TrialRecord:
-    """The trial to certify: `--trial N`; in pareto studies with a target, the smallest net that reached it;
-    otherwise the feasible completed trial with the highest validation accuracy (fewer parameters break ties)."""
-    if trial_number is not None:
-        matches = [r for r in records(study) if r.number == trial_number]
-        if not matches:
-            raise SearchError(f"--trial {trial_number}: study {study.study_name!r} has trials 0 to "
-                              f"{len(study.get_trials(deepcopy=False)) - 1}")
-        chosen = matches[0]
-        if not chosen.has_spec or chosen.stored_outcome == Outcome.REJECTED:
-            raise SearchError(f"--trial {trial_number}: that trial was {chosen.attrs.get('outcome', 'never built')} "
-                              f"({chosen.attrs.get('reason', 'no spec stored')}); pick a trained one")
-        return chosen
-    done = candidates(study)
-    if not done:
-        counts = len(study.get_trials(deepcopy=False))
-        raise SearchError(f"study {study.study_name!r} has no completed trial within the budget yet "
-                          f"({counts} trials stored); run search until one completes")
-    if target is not None:
-        smallest = smallest_reaching(done, target)
-        if smallest is None:
-            top = max(r.values[0] for r in done)
-            raise SearchError(f"no completed trial reached {target:.2%} validation accuracy (the best has {top:.2%}); "
-                              "lower --target or search longer")
-        return smallest
-    return best_of(done)
-
-
-def front_to_certify(study: optuna.Study, floor: float) -> list[TrialRecord]:
-    """The trials on the accuracy/size front whose validation accuracy is at least `floor`, smallest first."""
-    done = candidates(study)
-    if not done:
-        raise SearchError(f"study {study.study_name!r} has no completed trial within the budget yet; run search "
-                          "until one completes")
-    front = [r for r in pareto_front(done) if r.values[0] >= floor]
-    if not front:
-        top = max(r.values[0] for r in done)
-        raise SearchError(f"no trial on the front reached the floor of {floor:.2%} validation accuracy (the best has "
-                          f"{top:.2%}); lower --floor")
-    return front
+from search.fsio import atomic_write_text
+from search.record import TrialRecord, study_dataset
+from search.storage import provenance
+from search.verdicts import accuracy_row, judge_rules
 
 
 @dataclass
@@ -128,13 +86,9 @@ def with_recipe(c: Certifiable, **overrides) -> Certifiable:
     return replace(c, cfg=TrainConfig(**{**c.cfg.to_dict(), **changes})) if changes else c
 
 
-def certificate_dir(results_dir: str, name: str) -> Path:
-    return Path(results_dir) / "certified" / name
-
-
-def judge(c: Certifiable, max_params: int = RULES.max_params) -> tuple[list[dict], int, list[str]]:
+def rules_before_training(c: Certifiable, max_params: int = RULES.max_params) -> tuple[list[dict], int, list[str]]:
     """The rules that can be judged without training: (rows, parameters, other reasons), as
-    search.certificate.judge_rules. A spec counted over MAX_BUILT_PARAMS is judged on the spec alone, unbuilt."""
+    search.verdicts.judge_rules. A spec counted over MAX_BUILT_PARAMS is judged on the spec alone, unbuilt."""
     too_big = c.spec is not None and check(c.spec, max_params).n_params > MAX_BUILT_PARAMS
     module = None if too_big else c.build()
     return judge_rules(module, c.spec, c.cfg.epochs, c.spec.num_classes if c.spec is not None else c.classes,
@@ -143,23 +97,9 @@ def judge(c: Certifiable, max_params: int = RULES.max_params) -> tuple[list[dict
 
 def refusal_before_training(c: Certifiable, max_params: int = RULES.max_params) -> str | None:
     """Why `c` cannot pass whatever its accuracy (a rule already failed, or a module that does not run), else None."""
-    rows, _, other = judge(c, max_params)
+    rows, _, other = rules_before_training(c, max_params)
     failed = [f"{r['rule']}: {r['figure']}" for r in rows if not r["pass"]] + other
     return "; ".join(failed) or None
-
-
-def save_checkpoint(path: Path, module: torch.nn.Module, c: Certifiable, cfg: TrainConfig, test_acc: float) -> Path:
-    """The weights and what rebuilds the module: the spec JSON, or the file, class and source digest of a module of
-    one's own (imported again only from a file the command line names: search/certificate.py)."""
-    payload = {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "test_acc": test_acc,
-               "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}
-    if c.spec is not None:
-        payload["spec"] = c.spec.to_json(indent=None)
-    else:
-        payload["module"] = c.module_record()
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
 def _first_epoch_reaching(curve: list[dict], target: float) -> int | None:
@@ -195,7 +135,7 @@ def certify(c: Certifiable, *, seeds: int = 3, data_dir: str | None = None, devi
     under <results>/certified/<name>/, and return the certificate.
     `target` None (another set, no target given): the accuracy is reported, not judged."""
     out_dir = certificate_dir(results_dir, c.name)
-    rows, n_params, _ = judge(c, max_params)
+    rows, n_params, _ = rules_before_training(c, max_params)
     dev = resolve_device(device)
     data_set = load_data(data_dir, dataset=c.dataset, with_test=True, full_train=True)
     data = (*to_device(data_set.train, dev, data_set.stats), *to_device(data_set.test, dev, data_set.stats))
@@ -229,97 +169,3 @@ def certify(c: Certifiable, *, seeds: int = 3, data_dir: str | None = None, devi
         del result["spec_sha256"]
     atomic_write_text(out_dir / "certificate.json", json.dumps(result, indent=2))
     return result
-
-
-def reusable_certificate(results_dir: str, c: Certifiable, seeds: int, target: float, max_params: int,
-                         data_dir: str | None = None) -> tuple[dict | None, str | None]:
-    """(certificate, None): one already written for this network with the same spec, recipe, seeds, target and
-    budget, whose evidence bears it out (digests, checkpoints, the rules judged again, every seed's test accuracy
-    measured again: search/certificate.py). (None, why) when there is one that cannot be reused; (None, None) when
-    there is none to reuse."""
-    path = certificate_dir(results_dir, c.name) / "certificate.json"
-    if c.spec is None or not path.exists():
-        return None, None
-    try:
-        cert = read_certificate(path)
-    except CertificateError as exc:
-        return None, str(exc)
-    same = (cert.get("spec") == json.loads(c.spec.to_json()) and cert["config"] == c.cfg.to_dict()
-            and len(cert["seeds"]) == seeds and cert["target"] == target and cert["max_params"] == max_params)
-    if not same:
-        return None, None
-    try:
-        verify(cert, near=[path.parent], data_dir=data_dir)
-    except (CertificateError, CheckpointError, EvidenceMismatch, DataError) as exc:
-        return None, f"{path}: {exc}"
-    return cert, None
-
-
-def write_best(results_dir: str, result: dict) -> Path:
-    return atomic_write_text(Path(results_dir) / result["study"] / "best.json", json.dumps(result, indent=2))
-
-
-def _front_entry(c: dict, reused: bool, results_dir: str) -> dict:
-    return {"trial": c["trial"], "n_params": c["n_params"], "val_acc": c["val_acc"],
-            "test_acc_mean": c["final_test_acc_mean"], "test_acc_std": c["final_test_acc_std"],
-            "test_acc_per_seed": [r["final_test_acc"] for r in c["seeds"]], "certified": c["certified"],
-            "failed_rules": [r["rule"] for r in c["rules"] if not r["pass"]], "reused": reused,
-            "certificate": str(certificate_dir(results_dir, c["name"]) / "certificate.json")}
-
-
-def front_summary(study_name: str, floor: float, seeds: int, certs: list[tuple[dict, bool]], results_dir: str) -> dict:
-    """front.json: one entry per certified front trial, smallest first, with its validation and test accuracy."""
-    entries = [_front_entry(c, reused, results_dir) for c, reused in certs]
-    result = {"study": study_name, "floor": floor, "seeds": seeds, "target": certs[0][0]["target"] if certs else None,
-              "entries": entries}
-    atomic_write_text(Path(results_dir) / study_name / "front.json", json.dumps(result, indent=2))
-    return result
-
-
-def _verified_certificate(path: Path, results_dir: str) -> dict:
-    """A certificate read and verified as far as the report goes: schema, digests, what its checkpoints record,
-    the rules judged again (search/certificate.py, steps 1 to 3; nothing is measured)."""
-    cert = read_certificate(path)
-    verify(cert, near=[path.parent, certificate_dir(results_dir, Path(cert["name"]).name)], measure=False)
-    return cert
-
-
-def read_best(results_dir: str, study_name: str) -> tuple[dict | None, str | None]:
-    """best.json, verified: (certificate, None), (None, why it is not shown), or (None, None) when there is none."""
-    path = Path(results_dir) / study_name / "best.json"
-    if not path.exists():
-        return None, None
-    try:
-        return _verified_certificate(path, results_dir), None
-    except (CertificateError, CheckpointError, EvidenceMismatch) as exc:
-        return None, f"{path} is not shown: {exc}"
-
-
-def _front_entry_problem(entry: dict, study_name: str, results_dir: str) -> str | None:
-    """Why a front.json entry is not shown (its certificate does not verify, or the entry is not its certificate's
-    figures), else None."""
-    named = Path(entry["certificate"])
-    path = named if named.is_file() else certificate_dir(results_dir, named.parent.name) / "certificate.json"
-    try:
-        cert = _verified_certificate(path, results_dir)
-    except (CertificateError, CheckpointError, EvidenceMismatch) as exc:
-        return f"trial {entry['trial']}: {exc}"
-    expected = _front_entry(cert, entry["reused"], results_dir)
-    for key, value in expected.items():
-        if key != "certificate" and entry[key] != value and not (value != value and entry[key] != entry[key]):
-            return f"trial {entry['trial']}: {key}: front.json says {entry[key]!r}, its certificate {value!r}"
-    return None
-
-
-def read_front(results_dir: str, study_name: str) -> tuple[dict | None, list[str]]:
-    """front.json with only the entries whose certificates verify: (front or None, why entries are not shown)."""
-    path = Path(results_dir) / study_name / "front.json"
-    if not path.exists():
-        return None, []
-    try:
-        front = read_front_file(path)
-    except CertificateError as exc:
-        return None, [f"{path} is not shown: {exc}"]
-    problems = [(e, _front_entry_problem(e, study_name, results_dir)) for e in front["entries"]]
-    front = {**front, "entries": [e for e, problem in problems if problem is None]}
-    return front, [f"{path}: an entry is not shown: {problem}" for _, problem in problems if problem]

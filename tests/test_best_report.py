@@ -64,9 +64,9 @@ def test_best_writes_best_json_and_a_checkpoint_that_reproduces_it(tiny_study, d
 
 
 def load_full_test(data_root):
-    from search.data import load_mnist
+    from search.data import load_data
 
-    return load_mnist(data_root, with_test=True).test
+    return load_data(data_root, with_test=True).test
 
 
 def test_foreign_and_tampered_checkpoints_are_refused(tmp_path):

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from search.data import DataError, check_data_root, load_mnist
+from search.data import DataError, check_data_root, load_data
 
 
 def test_split_is_fixed_and_disjoint(mnist, data_root):
     assert len(mnist.train) == 50_000 and len(mnist.val) == 10_000 and mnist.test is None
     assert mnist.train.images.dtype == torch.uint8 and mnist.train.images.shape[1:] == (28, 28)
-    again = load_mnist(data_root)
+    again = load_data(data_root)
     assert torch.equal(again.val.labels, mnist.val.labels)
     # no image of the validation split is in the training split (compare by row hashes of a sample)
     train_rows = {bytes(r.numpy()) for r in mnist.train.images[:50_000].flatten(1)}
@@ -17,13 +17,13 @@ def test_split_is_fixed_and_disjoint(mnist, data_root):
 
 
 def test_test_set_only_when_asked_for(data_root):
-    full = load_mnist(data_root, with_test=True, full_train=True)
+    full = load_data(data_root, with_test=True, full_train=True)
     assert len(full.train) == 60_000 and len(full.test) == 10_000 and len(full.val) == 0
 
 
 def test_env_var_gives_the_root(monkeypatch, data_root):
     monkeypatch.setenv("BUDGETNAS_DATA", str(data_root))
-    assert load_mnist().root == data_root / "MNIST" / "raw"  # the folder holding the four files
+    assert load_data().root == data_root / "MNIST" / "raw"  # the folder holding the four files
 
 
 def test_truncated_file_is_named(mnist_copy):
@@ -64,7 +64,7 @@ def test_missing_root_with_failed_download_says_what_to_do(tmp_path, monkeypatch
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
     with pytest.raises(DataError) as info:
-        load_mnist(tmp_path / "nowhere")
+        load_data(tmp_path / "nowhere")
     message = str(info.value)
     assert "downloading it failed" in message and "--data-dir" in message and "BUDGETNAS_DATA" in message
 
@@ -80,7 +80,7 @@ def test_data_dir_may_name_the_root_the_mnist_folder_or_the_raw_folder(data_root
 
 
 def test_md5_is_read_once_per_file_and_again_when_the_file_changes(mnist_copy, tmp_path, monkeypatch):
-    from search import data
+    from search import idx_files as data
 
     monkeypatch.setattr(data, "STAMPS", tmp_path / "cache" / "verified-md5.json")
     reads = []

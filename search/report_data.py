@@ -1,0 +1,56 @@
+"""The report's first step: a pure function from a stored study (and the certificates `best` wrote) to plain data,
+`ReportData`, which search/report_figures.py and search/report.py draw and tested on its own."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import optuna
+import pandas as pd
+
+from models.budget import analyze
+from models.rules import RULES
+from search.record import (TRAINED, best_of, candidates, outcome_counts, pareto_front, study_dataset, study_target,
+                           trial_frame)
+
+
+@dataclass
+class ReportData:
+    study_name: str
+    frame: pd.DataFrame  # one row per trial (search.record.trial_frame)
+    counts: dict[str, int]  # outcome -> trials
+    n_trained: int
+    best: dict | None  # number, val_acc, n_params of the best feasible completed trial
+    pareto: list[int]  # trial numbers on the (accuracy up, parameters down) front
+    time_spent_s: float  # sum of trial wall times
+    winner_layers: list[dict] = field(default_factory=list)  # the best trial's layer table
+    winner_spec: dict | None = None
+    certification: dict | None = None  # best.json, when `best` has run
+    max_params: int = RULES.max_params
+    target: float | None = RULES.target_accuracy  # None: no target line (another set, none given)
+    objective: str = "accuracy"
+    front_certified: dict | None = None  # front.json, when `best --front` has run
+    dataset: str = "mnist"
+
+
+def collect(study: optuna.Study, certification: dict | None = None, front: dict | None = None) -> ReportData:
+    frame = trial_frame(study)
+    counts = outcome_counts(study)
+    setup = study.user_attrs.get("setup", {})
+    done = candidates(study)
+    best = None
+    winner_layers: list[dict] = []
+    winner_spec = None
+    if done:
+        top = best_of(done)
+        best = {"number": top.number, "val_acc": top.values[0], "n_params": top.n_params,
+                "receptive_field": top.receptive_field}
+        winner_spec = json.loads(top.spec.to_json())
+        winner_layers = [dict(row.__dict__) for row in analyze(top.spec).layers]
+    n_trained = sum(counts.get(k.value, 0) for k in TRAINED)
+    time_spent = float(frame["wall_s"].fillna(0).sum()) if "wall_s" in frame else 0.0
+    return ReportData(study.study_name, frame, counts, n_trained, best, sorted(r.number for r in pareto_front(done)),
+                      time_spent,
+                      winner_layers, winner_spec, certification, setup.get("max_params", RULES.max_params),
+                      study_target(study), setup.get("objective", "accuracy"), front, study_dataset(study))
