@@ -6,8 +6,9 @@ from rich.console import Console
 from rich.table import Table
 
 from models.rules import RULES
-from search.record import Outcome, TrialRecord, best, count_trained, leaderboard, outcome_counts
+from search.record import Outcome, TrialRecord, leaderboard
 from search.storage import describe_storage
+from search.tally import tally_of
 
 console = Console(soft_wrap=True)  # log lines stay whole in files and CI logs
 
@@ -27,17 +28,19 @@ def print_layer_table(analysis, title: str) -> None:
 
 
 def print_trial_line(study_obj, trial, opts) -> None:
+    """One line for a finished trial, with the study's running figures (read from the trials that changed only)."""
     record = TrialRecord(trial)
     if record.outcome == Outcome.REJECTED:
         return  # already logged when it happened
-    counts = outcome_counts(study_obj)
+    tally = tally_of(study_obj).refresh()
+    counts = tally.counts()
     figure = f"val {record.values[0]:.2%}" if record.values else record.reason
-    top = best(study_obj)
+    top = tally.best()
     top_line = "-" if top is None else f"{top.values[0]:.2%} at {top.n_params:,} params (trial {top.number})"
     seconds = f", {record.wall_s:.0f} s" if record.wall_s else ""
     console.print(
         f"trial {trial.number} {record.outcome}: {record.n_params or 0:,} params, {figure}{seconds} | "
-        f"{count_trained(study_obj)}/{opts.trials} trained, {counts.get('rejected', 0)} rejected, "
+        f"{tally.trained()}/{opts.trials} trained, {counts.get('rejected', 0)} rejected, "
         f"{counts.get('pruned', 0)} pruned | best {top_line}", highlight=False, markup=False)
 
 

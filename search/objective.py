@@ -32,7 +32,7 @@ from search.engine.runtime import stop_point
 from search.options import SearchOptions
 from search.pruning import floor_stop_reason, pareto_should_prune, rungs
 from search.record import Outcome, TrialWriter, count_trained, records
-from search.storage import claim_conflict
+from search.workers import claim_conflict, retry_source
 from search.widths import fit_widths
 
 
@@ -198,7 +198,7 @@ def make_objective(ctx: TrialContext) -> Callable[[optuna.Trial], float | tuple[
             stop_point()  # a stop requested between trials ends this one before it begins
             # A retried trial arrives with the user attributes of the one it retries: mark it as new.
             w.set(outcome=Outcome.PENDING, worker=ctx.opts.worker)
-            retry_of = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+            retry_of = retry_source(trial)
             if retry_of is not None:
                 w.set(retry_of=retry_of)
             candidate = Candidate()

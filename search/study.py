@@ -8,6 +8,7 @@ What one trial does is in search/objective.py; what it stores, in search/record.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -16,22 +17,26 @@ from pathlib import Path
 from typing import Callable
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from models.budget import count_params
 from models.presets import PRESETS
 from search import space
 from search.data import load_data
-from search.descent import queue_descent
+from search.descent import next_descent
 from search.engine import TrainConfig, resolve_device, to_device
 from search.engine.runtime import set_cpu_threads, stop_point, use_bf16
+from search.errors import SearchError
 from search.fsio import atomic_write_text
 from search.objective import TrialContext, TrialFailed, make_objective
 from search.options import SearchOptions
+from search.provenance import provenance
 from search.pruning import make_pruner
 from search.record import count_trained, outcome_counts, trial_frame
-from search.storage import (SearchError, check_setup, claim_results_folder, claim_worker_index, fail_dead_local_trials,
-                            open_storage, provenance)
+from search.setup import check_setup
+from search.storage import claim_results_folder, open_storage
+from search.tally import tally_of
+from search.workers import RetriesFirstStudy, claim_worker_index, fail_dead_local_trials
 
 
 def make_sampler(opts: SearchOptions, worker_index: int = 0) -> optuna.samplers.BaseSampler:
@@ -49,30 +54,9 @@ def make_sampler(opts: SearchOptions, worker_index: int = 0) -> optuna.samplers.
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, multivariate=True, group=True)
 
 
-def _retries_first(study: optuna.Study) -> None:
-    """Pop the queued retries of interrupted or killed trials before the other queued trials (presets), so a retry
-    is never left waiting while the study reaches --trials. Optuna pops in storage order and offers no priority;
-    this replaces its private `_pop_waiting_trial_id` on this study object with the same atomic claim
-    (WAITING -> RUNNING succeeds for one worker only) over the waiting trials in another order."""
-    def pop() -> int | None:
-        waiting = study._storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
-        def is_retry(t: FrozenTrial) -> bool:  # ours (Ctrl-C, a dead local worker) or Optuna's (heartbeat)
-            return "retry_of" in t.user_attrs or "failed_trial" in t.system_attrs
-
-        for trial in sorted(waiting, key=lambda t: (not is_retry(t), t.number)):
-            try:
-                if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
-                    return trial._trial_id
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue
-        return None
-
-    study._pop_waiting_trial_id = pop
-
-
-def open_study(opts: SearchOptions, data_record: dict | None = None) -> optuna.Study:
-    """Open or create the study. `data_record`: the data's identity (Data.record()), part of the set-up; loaded
-    here when not given."""
+def open_study(opts: SearchOptions, data_record: dict | None = None) -> RetriesFirstStudy:
+    """Open or create the study (one that runs queued retries first). `data_record`: the data's identity
+    (Data.record()), part of the set-up; loaded here when not given."""
     if data_record is None:
         data_record = load_data(opts.data_dir, dataset=opts.dataset).record()
     smallest = space.smallest_params(opts.min_rf)
@@ -86,10 +70,10 @@ def open_study(opts: SearchOptions, data_record: dict | None = None) -> optuna.S
              "precision": "bf16" if use_bf16(resolve_device(opts.device), "auto") else "fp32"}
     check_setup(storage, opts.study, setup)
     directions = ["maximize"] if opts.objective == "accuracy" else ["maximize", "minimize"]
-    study = optuna.create_study(study_name=opts.study, storage=storage, directions=directions,
-                                sampler=make_sampler(opts), pruner=make_pruner(opts.pruner, opts.objective, opts.epochs),
-                                load_if_exists=True)
-    _retries_first(study)
+    sampler, pruner = make_sampler(opts), make_pruner(opts.pruner, opts.objective, opts.epochs)
+    optuna.create_study(study_name=opts.study, storage=storage, directions=directions, sampler=sampler, pruner=pruner,
+                        load_if_exists=True)
+    study = RetriesFirstStudy(opts.study, storage, sampler=sampler, pruner=pruner)
     if opts.storage is not None:  # a storage given by name may be shared by workers
         study.sampler = make_sampler(opts, claim_worker_index(study, opts.worker))
     if "setup" not in study.user_attrs:
@@ -146,8 +130,33 @@ _QUIET = _QuietHandledFailures()
 logging.getLogger("optuna.study._optimize").addFilter(_QUIET)  # the logger that reports failed trials
 
 
+class Bookkeeping:
+    """What `run_search` does after each trial: the caller's `on_trial_end`, a stop asked for meanwhile, the stop
+    at --trials trained trials, and the next front descendant. It reads only the trials that changed since the
+    last trial (search/tally.py), so its cost does not grow with the study; trials.csv is written when the search
+    ends or is stopped, not here."""
+
+    def __init__(self, study: optuna.Study, opts: SearchOptions,
+                 on_trial_end: Callable[[optuna.Study, FrozenTrial], None] | None = None):
+        self.opts, self.on_trial_end = opts, on_trial_end
+        self.tally = tally_of(study).refresh()  # the one full read, before the first trial
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self.on_trial_end:
+            self.on_trial_end(study, trial)
+        stop_point()  # Ctrl-C or SIGTERM during the trial's last moments: stop before the next one
+        if self.tally.refresh().trained() >= self.opts.trials:
+            study.stop()
+        elif self.opts.descent_levels:
+            step = next_descent(self.tally.descent_records(), self.opts.descent_levels)
+            if step is not None:
+                study.enqueue_trial(step[0], user_attrs=step[1], skip_if_exists=True)
+
+
 def run_search(opts: SearchOptions, log: Callable[[str], None] = print, progress: bool | None = None,
                on_trial_end: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> SearchResult:
+    """Run trials until the study holds `opts.trials` trained trials; trials.csv is written at the end, and when
+    Ctrl-C or SIGTERM stops the search (KeyboardInterrupt, raised again)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     device = resolve_device(opts.device)
     data_set = load_data(opts.data_dir, dataset=opts.dataset)
@@ -155,9 +164,10 @@ def run_search(opts: SearchOptions, log: Callable[[str], None] = print, progress
     claim_results_folder(opts.results_dir, opts.study, opts.storage_url)
     csv_path = trials_csv_path(opts.results_dir, opts.study)
     start = time.perf_counter()
-    for number in fail_dead_local_trials(study):
+    for number in fail_dead_local_trials(study, study.backend):
         log(f"trial {number}: its worker on this machine is gone (killed?); failed, and its parameters queued again")
-    if count_trained(study) >= opts.trials:
+    keeper = Bookkeeping(study, opts, on_trial_end)
+    if keeper.tally.trained() >= opts.trials:
         write_trials_csv(study, csv_path)
         return SearchResult(study, count_trained(study), outcome_counts(study), 0.0, None, csv_path)
 
@@ -166,20 +176,14 @@ def run_search(opts: SearchOptions, log: Callable[[str], None] = print, progress
     train = data_set.train.head(opts.subset) if opts.subset else data_set.train
     data = (*to_device(train, device, data_set.stats), *to_device(data_set.val, device, data_set.stats))
     ctx = TrialContext(opts, data, device, log, progress=progress, classes=data_set.classes)
-    stop_point()  # a stop requested while the data and the study were loading
-
-    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-        write_trials_csv(study, csv_path)
-        if on_trial_end:
-            on_trial_end(study, trial)
-        stop_point()  # Ctrl-C or SIGTERM during the trial's last moments: stop before the next one
-        if count_trained(study) >= opts.trials:
-            study.stop()
-        else:
-            queue_descent(study, opts.descent_levels)
-
-    study.optimize(make_objective(ctx), n_trials=None, n_jobs=opts.jobs, callbacks=[after_trial],
-                   catch=(TrialFailed,), gc_after_trial=False, show_progress_bar=False)
+    try:
+        stop_point()  # a stop requested while the data and the study were loading
+        study.optimize(make_objective(ctx), n_trials=None, n_jobs=opts.jobs, callbacks=[keeper.after_trial],
+                       catch=(TrialFailed,), gc_after_trial=False, show_progress_bar=False)
+    except BaseException:  # Ctrl-C, SIGTERM (KeyboardInterrupt) or an error: the table as far as it got
+        with contextlib.suppress(Exception):  # the stop or the error is what the caller needs to hear of
+            write_trials_csv(study, csv_path)
+        raise
     write_trials_csv(study, csv_path)
     return SearchResult(study, count_trained(study), outcome_counts(study), time.perf_counter() - start,
                         ctx.stop_reason, csv_path)

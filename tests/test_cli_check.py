@@ -144,3 +144,23 @@ def test_check_refuses_a_whole_image_conv(tmp_path):
     out = runner.invoke(app, ["check", f"{source}:WholeImage"])
     assert out.exit_code == 1 and "28x28 kernel over its whole 28x28 input map" in out.output
     assert "PASS" not in out.output
+
+
+def test_check_is_callable_from_python_with_the_clis_verdicts_and_exit_codes(tmp_path):
+    import pytest
+
+    from search.commands import check_command
+    from search.refusals import CommandError, Refused
+
+    net, verdict = check_command("baseline", 19_000)
+    assert not verdict.ok and verdict.n_params == 19_674
+    assert check_command("micro")[1].ok
+    with pytest.raises(CommandError) as unusable:
+        check_command("no-such-thing")
+    assert unusable.value.code == 2 and "neither a preset" in str(unusable.value)
+    block = {"type": "conv_block", "convs": [{"out_channels": 8}] * 3, "pool": True}
+    shrinking = tmp_path / "shrink.json"
+    shrinking.write_text(json.dumps({"blocks": [block] * 3}))
+    with pytest.raises(Refused) as refused:
+        check_command(str(shrinking))
+    assert refused.value.code == 1 and "must stay at least 1x1" in str(refused.value)

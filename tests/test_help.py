@@ -50,3 +50,40 @@ def test_the_budgetnas_command_is_the_same_app():
     assert script.is_file(), "pip install -e . (make install) makes .venv/bin/budgetnas"
     out = subprocess.run([str(script), "check", "micro"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "PASS: 4,582 parameters" in out.stdout, out.stdout + out.stderr
+
+
+def test_the_clis_defaults_bounds_and_choices_are_the_packages():
+    """Declared once: the search's defaults are SearchOptions', the choice lists the package's tuples, and the help
+    says the numbers they hold."""
+    from search.engine.config import DEVICES, OPTIMIZERS, SCHEDULES, TrainConfig
+    from search.options import OBJECTIVES, SAMPLERS, SearchOptions
+    from search.pruning import PRUNERS
+    from search.storage import HEARTBEAT
+
+    commands = typer.main.get_command(app).commands
+    params = {p.name: p for p in commands["search"].params}
+    opts = SearchOptions()
+    for name in ("trials", "epochs", "max_params", "seed", "jobs", "max_rejections", "min_rf", "results_dir",
+                 "descend", "warm_start", "repair", "study", "dataset"):
+        assert params[name].default == getattr(opts, name), name
+    for name in ("objective", "sampler", "pruner", "device"):
+        assert getattr(params[name].default, "value", params[name].default) == getattr(opts, name), name
+    assert params["heartbeat"].default == ",".join(map(str, HEARTBEAT))
+    search_help = runner.invoke(app, ["search", "--help"], env={"COLUMNS": "250"}).output
+    for choices in (OBJECTIVES, SAMPLERS, PRUNERS, DEVICES):
+        assert f"<{'|'.join(choices)}>" in search_help, choices
+    certify_help = " ".join(runner.invoke(app, ["certify", "--help"], env={"COLUMNS": "250"}).output.split())
+    for choices in (OPTIMIZERS, SCHEDULES):
+        assert f"<{'|'.join(choices)}>" in certify_help, choices
+    recipe = TrainConfig()
+    for name in ("lr", "batch_size", "augment", "label_smoothing", "optimizer", "schedule"):
+        assert f"else {getattr(recipe, name)}]" in certify_help, name
+
+
+def test_a_bound_refuses_naming_the_value_and_the_limit():
+    from search.option_table import BOUNDS, PERCENT
+
+    assert BOUNDS["subset"].refusal(10) == "10 must be from 100 to 50,000 training images"
+    assert BOUNDS["trials"].refusal(0) == "0 must be at least 1"
+    assert PERCENT.refusal(100.5) == "100.5 must be from 0 to 100 percent"
+    assert BOUNDS["subset"].refusal(None) is None and PERCENT.refusal(99.4) is None

@@ -81,3 +81,19 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, data_root):
     assert count_trained(study) == 5
     frame_reason = trial_frame(study).set_index("number").loc[0, "reason"]
     assert "its worker stopped" in frame_reason and f"queued again as trial {retries[0].number}" in frame_reason
+
+
+def test_a_queued_retry_goes_to_one_worker_first_on_postgres():
+    """Two workers' studies on one PostgreSQL study: the retry queued behind a preset is asked first, once."""
+    import optuna
+
+    from search.storage import open_storage
+    from search.workers import RetriesFirstStudy
+
+    name = f"r-{uuid.uuid4().hex[:8]}"
+    storage = open_storage(PG, heartbeat=None)
+    optuna.create_study(study_name=name, storage=storage)
+    first, second = (RetriesFirstStudy(name, open_storage(PG, heartbeat=None)) for _ in range(2))
+    first.enqueue_trial({"x": 1.0}, user_attrs={"preset": "p"})
+    first.enqueue_trial({"x": 2.0}, user_attrs={"retry_of": 0})
+    assert [first.ask().number, second.ask().number, second.ask().number] == [1, 0, 2]
