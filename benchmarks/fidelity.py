@@ -31,9 +31,8 @@ import pandas as pd  # noqa: E402
 
 from models.budget import check  # noqa: E402
 from models.build import build  # noqa: E402
-from search.data import load_mnist  # noqa: E402
-from search.engine import fit, resolve_device, to_device  # noqa: E402
-from search.engine.runtime import set_cpu_threads  # noqa: E402
+from benchmarks.common import split_on_device  # noqa: E402
+from search.engine import fit  # noqa: E402
 from search.pruning import (FLOOR_FROM_EPOCH, FLOOR_MARGIN, FLOOR_REFERENCES, NOT_LEARNING,  # noqa: E402
                             NOT_LEARNING_IMAGES)
 from search.record import records  # noqa: E402
@@ -92,13 +91,7 @@ def main() -> None:
               "(survivors of the searches' pruning, so mostly good nets)")
         analyse(frame, args.epochs, args.floor / 100)
         return
-    device = resolve_device(args.device)
-    if device.type == "cpu":
-        set_cpu_threads(None)
-    mnist = load_mnist(args.data_dir)
-    train = mnist.train.head(args.subset) if args.subset else mnist.train
-    val = mnist.val.head(args.val) if args.val else mnist.val
-    data = (*to_device(train, device), *to_device(val, device))
+    device, train, val, data = split_on_device(args.device, args.data_dir, args.subset, args.val)
     draw = f"seed={args.seed} epochs={args.epochs} subset={len(train)} val={len(val)}"
     curves_path = Path(args.curves)
     stored = pd.read_csv(curves_path) if curves_path.exists() else pd.DataFrame()

@@ -39,9 +39,9 @@ from models.budget import count_params  # noqa: E402
 from models.build import build  # noqa: E402
 from models.presets import PRESETS, _block  # noqa: E402
 from models.spec import ConvBlock, Head, NetSpec  # noqa: E402
-from search.data import load_mnist  # noqa: E402
-from search.engine import TrainConfig, fit, resolve_device, to_device  # noqa: E402
-from search.engine.runtime import StopRequested, set_cpu_threads, stop_at_safe_points  # noqa: E402
+from benchmarks.common import split_on_device  # noqa: E402
+from search.engine import TrainConfig, fit  # noqa: E402
+from search.engine.runtime import stop_at_safe_points  # noqa: E402
 
 
 def _padded_three_blocks(first: tuple, second: tuple, third: tuple) -> NetSpec:
@@ -185,13 +185,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
-    device = resolve_device(args.device)
-    if device.type == "cpu":
-        set_cpu_threads(None)
-    mnist = load_mnist(args.data_dir)
-    train = mnist.train.head(args.subset) if args.subset else mnist.train
-    val = mnist.val.head(args.val) if args.val else mnist.val
-    data = (*to_device(train, device), *to_device(val, device))
+    device, train, val, data = split_on_device(args.device, args.data_dir, args.subset, args.val)
     setup = f"epochs={args.epochs} train={len(train)} val={len(val)}"
     path = Path(args.runs)
     stored = pd.read_csv(path) if path.exists() else pd.DataFrame()
@@ -213,7 +207,7 @@ def main() -> None:
                 stored.to_csv(path, index=False)
                 done = stored[stored.setup == setup]
                 trained += 1
-    except (KeyboardInterrupt, StopRequested):
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM at a safe point (StopRequested is one)
         print(f"\nstopped; the runs trained so far are in {path}, and the same command resumes")
     print(f"\n{trained} runs trained in {(time.perf_counter() - start) / 60:.1f} min ({device}, {setup}); "
           f"{len(done)} stored in {path}")

@@ -20,9 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.budget import analyze  # noqa: E402
 from models.build import build  # noqa: E402
 from models.presets import PRESETS  # noqa: E402
-from search.data import load_mnist  # noqa: E402
-from search.engine import TrainConfig, fit, resolve_device, to_device  # noqa: E402
-from search.engine.runtime import set_cpu_threads  # noqa: E402
+from benchmarks.common import split_on_device  # noqa: E402
+from search.engine import TrainConfig, fit  # noqa: E402
 from search.widths import widths as _widths, with_widths as _with_widths  # noqa: E402
 
 
@@ -49,11 +48,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
-    device = resolve_device(args.device)
-    if device.type == "cpu":
-        set_cpu_threads(None)
-    mnist = load_mnist(args.data_dir)
-    data = (*to_device(mnist.train.head(args.images), device), *to_device(mnist.val.head(500), device))
+    device, _, _, data = split_on_device(args.device, args.data_dir, args.images, 500)
     cfg = TrainConfig(epochs=1, batch_size=64)
     nets = {}
     for a, spec_a, b, spec_b in pairs():

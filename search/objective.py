@@ -228,9 +228,7 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
     def on_epoch(record) -> bool:
         so_far.append(asdict(record))
         w.epochs(so_far)
-        left_s = record.seconds * (cfg.epochs - record.epoch)  # if the remaining epochs take as long as this one
-        ctx.log(f"trial {trial.number}: epoch {record.epoch}/{cfg.epochs}, validation {record.val_acc:.2%}, "
-                f"{record.seconds:.1f} s" + (f", about {left_s:.0f} s left" if record.epoch < cfg.epochs else ""))
+        ctx.log(_epoch_line(trial.number, record, cfg.epochs))
         last = record.epoch >= cfg.epochs  # trained in full: it completes, whatever a pruner would say of it now
         if not pareto:
             trial.report(record.val_acc, record.epoch)
@@ -275,6 +273,13 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
         raise optuna.TrialPruned(w.get("reason"))
     w.close(Outcome.COMPLETED, None)
     return (history.final_val_acc, float(c.n_params)) if pareto else history.final_val_acc
+
+
+def _epoch_line(number: int, record, epochs: int) -> str:
+    """A trial's progress after an epoch, also where no progress bar shows (a file, a pipe)."""
+    left_s = record.seconds * (epochs - record.epoch)  # if the remaining epochs take as long as this one
+    return (f"trial {number}: epoch {record.epoch}/{epochs}, validation {record.val_acc:.2%}, {record.seconds:.1f} s"
+            + (f", about {left_s:.0f} s left" if record.epoch < epochs else ""))
 
 
 # ---- helpers of the gates ---------------------------------------------------------------------------

@@ -61,14 +61,27 @@ def test_models_import_nothing_from_search():
 
 def test_engine_imports_nothing_of_optuna_or_the_study():
     banned = ("search.study", "search.objective", "search.storage", "search.record", "search.pruning",
-              "search.space", "search.retrain", "search.report", "cli")
+              "search.space", "search.retrain", "search.report", "search.workers", "search.tally", "search.setup",
+              "search.provenance", "search.commands", "search.run", "search.cli_options", "search.option_table",
+              "cli")
     assert forbidden("search.engine", banned, ("optuna",)) == []
 
 
 def test_best_and_report_do_not_load_the_search_machinery():
-    for module in ("search.retrain", "search.report", "search.record", "search.storage"):
+    for module in ("search.retrain", "search.report", "search.report_data", "search.report_figures",
+                   "search.record", "search.storage", "search.certificate", "search.checkpoint", "search.choose",
+                   "search.certified_files", "search.workers", "search.tally", "search.setup", "search.provenance"):
         assert forbidden(module, ("search.objective", "search.study", "search.space",
                                                    "search.pruning")) == [], module
+
+
+def test_the_cli_s_command_modules_are_the_only_ones_that_know_typer():
+    """Command logic lives in search/ and is callable from Python: only cli.py and the option declarations it reads
+    (search/cli_options.py) import typer."""
+    knows_typer = [name for name, path in ((module_name(p), p) for p in [ROOT / "cli.py", *sorted(
+        p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))]) if any(t.split(".")[0] == "typer"
+                                                                            for t, _ in imports_of(path))]
+    assert knows_typer == ["cli", "search.cli_options"]
 
 
 def test_no_import_cycles_among_the_projects_modules():
