@@ -108,6 +108,53 @@ def matmul_peak(device, n: int = 2048, repeats: int = 10, dtype=torch.float32) -
     return 2 * n ** 3 / min(times) / 1e9
 
 
+def measure_preset(name: str, args, mnist, device, bf16: bool, peak: float) -> None:
+    """One preset's line: the usual loop against the engine, interleaved, and the variants asked for."""
+    spec = PRESETS[name]
+    macs = analyze(spec).macs
+    loop, eng, eng32, eng_torch_drop, eng_unsharded = [], [], [], [], []
+    sharded = device.type == "cpu" and cpu_shards(TrainConfig.batch_size, macs) > 1  # else already unsharded
+    for _ in range(args.repeats):  # interleaved, so that a noisy neighbour hits all three alike
+        # as many images as the engine: runs of 3,200 varied 30% (1,464 and 1,910 img/s for small)
+        loop.append(usual_loop_fresh(name, args.data_dir, args.images, device))
+        eng.append(engine(spec, mnist, args.images, device)[0])
+        if bf16 and device.type == "cpu":
+            eng32.append(engine(spec, mnist, args.images, device, precision="fp32")[0])
+        if args.ablate:
+            eng_torch_drop.append(engine(spec, mnist, args.images, device, torch_dropout=True)[0])
+            if sharded:
+                eng_unsharded.append(engine(spec, mnist, args.images, device, shards=1)[0])
+    loop_ips, eng_ips = statistics.median(loop), statistics.median(eng)
+    gflops = eng_ips * 6 * macs / 1e9
+    line = (f"{name} ({analyze(spec).n_params:,} params, {macs / 1e6:.2f} M MACs/img): usual loop "
+            f"{loop_ips:,.0f} img/s, engine {eng_ips:,.0f} img/s, ratio {eng_ips / loop_ips:.1f}x; engine "
+            f"{gflops:.1f} GFLOP/s = {gflops / peak:.0%} of the {'bfloat16' if bf16 else 'float32'} matmul peak")
+    if eng32:
+        line += f"; engine in float32 {statistics.median(eng32):,.0f} img/s ({statistics.median(eng32) / loop_ips:.1f}x)"
+    if eng_torch_drop:
+        line += f"; engine with torch's nn.Dropout {statistics.median(eng_torch_drop):,.0f} img/s"
+    if eng_unsharded:
+        line += f"; engine unsharded {statistics.median(eng_unsharded):,.0f} img/s"
+    elif args.ablate and device.type == "cpu":
+        line += "; not sharded by default (search/engine/whole_step.py, cpu_shards)"
+    if args.compile:
+        comp = engine(spec, mnist, args.images, device, compile_model=True)
+        gain = 1 / eng_ips - 1 / comp[0]  # seconds saved per image
+        line += (f"; torch.compile {comp[0]:,.0f} img/s ({comp[0] / eng_ips:.2f}x), compile {comp[1]:.0f} s, "
+                 f"pays off after {comp[1] / gain / 50_000 if gain > 0 else float('inf'):.1f} epochs of 50,000")
+    print(line, flush=True)
+    if device.type == "cuda":  # the engine as trials run it (CUDA graphs) against plain eager, per epoch
+        eager = statistics.median(engine(spec, mnist, args.images, device, cuda_graphs=False, whole_step=False)[0]
+                                  for _ in range(args.repeats))
+        print(f"  {name} on {torch.cuda.get_device_name(device)}: CUDA graphs {50_000 / eng_ips:.2f} s per "
+              f"50,000-image epoch ({eng_ips:,.0f} img/s), eager {50_000 / eager:.2f} s ({eager:,.0f} img/s), "
+              f"graphs/eager {eng_ips / eager:.1f}x", flush=True)
+        for batch in (128, 256):
+            ips = engine(spec, mnist, args.images, device, batch_size=batch)[0]
+            print(f"  {name} batch {batch}: CUDA graphs {50_000 / ips:.2f} s per epoch ({ips:,.0f} img/s)",
+                  flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--presets", default="baseline,small,compact")
@@ -133,49 +180,7 @@ def main() -> None:
     print(f"device {device}, {torch.get_num_threads()} threads; matmul peak float32 {fp32_peak:,.0f} GFLOP/s"
           + (f", bfloat16 {peak:,.0f} GFLOP/s (the engine autocasts to bfloat16 here)" if bf16 else ""))
     for name in args.presets.split(","):
-        spec = PRESETS[name]
-        macs = analyze(spec).macs
-        loop, eng, eng32, eng_torch_drop, eng_unsharded = [], [], [], [], []
-        sharded = device.type == "cpu" and cpu_shards(TrainConfig.batch_size, macs) > 1  # else already unsharded
-        for _ in range(args.repeats):  # interleaved, so that a noisy neighbour hits all three alike
-            # as many images as the engine: runs of 3,200 varied 30% (1,464 and 1,910 img/s for small)
-            loop.append(usual_loop_fresh(name, args.data_dir, args.images, device))
-            eng.append(engine(spec, mnist, args.images, device)[0])
-            if bf16 and device.type == "cpu":
-                eng32.append(engine(spec, mnist, args.images, device, precision="fp32")[0])
-            if args.ablate:
-                eng_torch_drop.append(engine(spec, mnist, args.images, device, torch_dropout=True)[0])
-                if sharded:
-                    eng_unsharded.append(engine(spec, mnist, args.images, device, shards=1)[0])
-        loop_ips, eng_ips = statistics.median(loop), statistics.median(eng)
-        gflops = eng_ips * 6 * macs / 1e9
-        line = (f"{name} ({analyze(spec).n_params:,} params, {macs / 1e6:.2f} M MACs/img): usual loop "
-                f"{loop_ips:,.0f} img/s, engine {eng_ips:,.0f} img/s, ratio {eng_ips / loop_ips:.1f}x; engine "
-                f"{gflops:.1f} GFLOP/s = {gflops / peak:.0%} of the {'bfloat16' if bf16 else 'float32'} matmul peak")
-        if eng32:
-            line += f"; engine in float32 {statistics.median(eng32):,.0f} img/s ({statistics.median(eng32) / loop_ips:.1f}x)"
-        if eng_torch_drop:
-            line += f"; engine with torch's nn.Dropout {statistics.median(eng_torch_drop):,.0f} img/s"
-        if eng_unsharded:
-            line += f"; engine unsharded {statistics.median(eng_unsharded):,.0f} img/s"
-        elif args.ablate and device.type == "cpu":
-            line += "; not sharded by default (search/engine/whole_step.py, cpu_shards)"
-        if args.compile:
-            comp = engine(spec, mnist, args.images, device, compile_model=True)
-            gain = 1 / eng_ips - 1 / comp[0]  # seconds saved per image
-            line += (f"; torch.compile {comp[0]:,.0f} img/s ({comp[0] / eng_ips:.2f}x), compile {comp[1]:.0f} s, "
-                     f"pays off after {comp[1] / gain / 50_000 if gain > 0 else float('inf'):.1f} epochs of 50,000")
-        print(line, flush=True)
-        if device.type == "cuda":  # the engine as trials run it (CUDA graphs) against plain eager, per epoch
-            eager = statistics.median(engine(spec, mnist, args.images, device, cuda_graphs=False, whole_step=False)[0]
-                                      for _ in range(args.repeats))
-            print(f"  {name} on {torch.cuda.get_device_name(device)}: CUDA graphs {50_000 / eng_ips:.2f} s per "
-                  f"50,000-image epoch ({eng_ips:,.0f} img/s), eager {50_000 / eager:.2f} s ({eager:,.0f} img/s), "
-                  f"graphs/eager {eng_ips / eager:.1f}x", flush=True)
-            for batch in (128, 256):
-                ips = engine(spec, mnist, args.images, device, batch_size=batch)[0]
-                print(f"  {name} batch {batch}: CUDA graphs {50_000 / ips:.2f} s per epoch ({ips:,.0f} img/s)",
-                      flush=True)
+        measure_preset(name, args, mnist, device, bf16, peak)
 
 
 if __name__ == "__main__":

@@ -53,29 +53,37 @@ def test_unknown_target_exits_2():
     assert result.exit_code == 2 and "neither a preset" in result.output
 
 
+OWN_MODULES = textwrap.dedent("""
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(self.features(x))
+
+    class Good(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 10, 1),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+        def forward(self, x):
+            return self.body(x)
+
+    class WholeImage(Good):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 10, 28), nn.Flatten())  # a 28x28 kernel on the 28x28 image
+""")
+
+
 def test_user_module_with_linear_is_refused(tmp_path):
     source = tmp_path / "mynet.py"
-    source.write_text(textwrap.dedent("""
-        import torch.nn as nn
-
-        class Net(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.features = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-                self.fc = nn.Linear(8, 10)
-
-            def forward(self, x):
-                return self.fc(self.features(x))
-
-        class Good(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.body = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 10, 1),
-                                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-            def forward(self, x):
-                return self.body(x)
-    """))
+    source.write_text(OWN_MODULES)
     result = runner.invoke(app, ["check", f"{source}:Net"])
     assert result.exit_code == 1
     assert "layer 'fc' is a Linear" in result.output
@@ -130,17 +138,7 @@ def test_check_refuses_what_it_cannot_judge_and_judges_like_the_search(tmp_path)
 
 def test_check_refuses_a_whole_image_conv(tmp_path):
     source = tmp_path / "fc.py"
-    source.write_text(textwrap.dedent("""
-        import torch.nn as nn
-
-        class WholeImage(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.conv = nn.Conv2d(1, 10, 28)
-
-            def forward(self, x):
-                return self.conv(x).flatten(1)
-    """))
+    source.write_text(OWN_MODULES)
     out = runner.invoke(app, ["check", f"{source}:WholeImage"])
     assert out.exit_code == 1 and "28x28 kernel over its whole 28x28 input map" in out.output
     assert "PASS" not in out.output
