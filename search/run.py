@@ -1,10 +1,10 @@
 """The `search` command, callable from Python with the CLI's behaviour: the pre-flight checks that refuse bad input
 before anything is written, the search with Ctrl-C and SIGTERM stopping it at safe points, and the clean-up after
-such a stop (the interrupted trial queued again, trials.csv rewritten), raised as `Interrupted` with its exit code."""
+such a stop (run_search queues the interrupted trial again and writes trials.csv), raised as `Interrupted` with its
+exit code."""
 
 from __future__ import annotations
 
-import signal
 from typing import Callable
 
 from search.data import DataError, check_data_root, load_data
@@ -14,9 +14,8 @@ from search.errors import SearchError
 from search.options import SearchOptions
 from search.record import nothing_trained_well
 from search.refusals import CommandError, Interrupted
-from search.storage import check_results_folder, load_existing_study
-from search.study import SearchResult, run_search, trials_csv_path, write_trials_csv
-from search.workers import requeue_interrupted
+from search.storage import check_results_folder
+from search.study import SearchResult, run_search
 
 
 def search_options(heartbeat: str | tuple[int, int], worker: str | None = None, **values) -> SearchOptions:
@@ -49,25 +48,14 @@ def preflight(opts: SearchOptions) -> None:
         raise CommandError(str(exc)) from None
 
 
-def stop_cleanly(opts: SearchOptions, sigterm: bool) -> Interrupted:
-    """After Ctrl-C or SIGTERM: queue the interrupted trial again and rewrite trials.csv; the error to raise, saying
-    so. A signal before the study existed leaves nothing to tidy. A second signal during the clean-up is ignored: it
-    would interrupt it half-way."""
-    before = signal.signal(signal.SIGTERM, signal.SIG_IGN), signal.signal(signal.SIGINT, signal.SIG_IGN)
-    n = 0
-    try:
-        study = load_existing_study(opts.study, opts.storage_url)
-        n = requeue_interrupted(study)
-        write_trials_csv(study, trials_csv_path(opts.results_dir, opts.study))
-    except SearchError:  # interrupted before the study was created
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, before[0])
-        signal.signal(signal.SIGINT, before[1])
-    sig = "SIGTERM" if sigterm else "Ctrl-C"
-    return Interrupted(f"{sig}: search stopped; the running trial is stored as interrupted"
-                       f"{' and queued again' if n else ''}. Run the same command to continue to {opts.trials} "
-                       "trials.", sigterm)
+def stop_message(opts: SearchOptions, stop: KeyboardInterrupt) -> Interrupted:
+    """After Ctrl-C or SIGTERM (run_search has queued the interrupted trial again and written trials.csv; a signal
+    before the study existed left nothing to tidy): the error to raise, saying so."""
+    sigterm = getattr(stop, "signal_name", "SIGINT") == "SIGTERM"
+    queued = getattr(stop, "requeued", 0)
+    return Interrupted(f"{'SIGTERM' if sigterm else 'Ctrl-C'}: search stopped; the running trial is stored as "
+                       f"interrupted{' and queued again' if queued else ''}. Run the same command to continue to "
+                       f"{opts.trials} trials.", sigterm)
 
 
 def search_command(opts: SearchOptions, log: Callable[[str], None] = print,
@@ -81,7 +69,7 @@ def search_command(opts: SearchOptions, log: Callable[[str], None] = print,
     except (SearchError, DataError) as exc:
         raise CommandError(str(exc)) from None
     except KeyboardInterrupt as exc:
-        raise stop_cleanly(opts, getattr(exc, "signal_name", "SIGINT") == "SIGTERM") from None
+        raise stop_message(opts, exc) from None
 
 
 def unfinished(result: SearchResult) -> str | None:

@@ -25,7 +25,7 @@ from search import space
 from search.data import load_data
 from search.descent import next_descent
 from search.engine import TrainConfig, resolve_device, to_device
-from search.engine.runtime import set_cpu_threads, stop_point, use_bf16
+from search.engine.runtime import set_cpu_threads, signals_ignored, stop_point, use_bf16
 from search.errors import SearchError
 from search.fsio import atomic_write_text
 from search.objective import TrialContext, TrialFailed, make_objective
@@ -36,7 +36,7 @@ from search.record import count_trained, outcome_counts, trial_frame
 from search.setup import check_setup
 from search.storage import claim_results_folder, open_storage
 from search.tally import tally_of
-from search.workers import RetriesFirstStudy, claim_worker_index, fail_dead_local_trials
+from search.workers import RetriesFirstStudy, claim_worker_index, fail_dead_local_trials, requeue_interrupted
 
 
 def make_sampler(opts: SearchOptions, worker_index: int = 0) -> optuna.samplers.BaseSampler:
@@ -156,7 +156,8 @@ class Bookkeeping:
 def run_search(opts: SearchOptions, log: Callable[[str], None] = print, progress: bool | None = None,
                on_trial_end: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> SearchResult:
     """Run trials until the study holds `opts.trials` trained trials; trials.csv is written at the end, and when
-    Ctrl-C or SIGTERM stops the search (KeyboardInterrupt, raised again)."""
+    Ctrl-C or SIGTERM stops the search (KeyboardInterrupt, raised again, its `requeued` the number of interrupted
+    trials queued again first)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     device = resolve_device(opts.device)
     data_set = load_data(opts.data_dir, dataset=opts.dataset)
@@ -180,8 +181,15 @@ def run_search(opts: SearchOptions, log: Callable[[str], None] = print, progress
         stop_point()  # a stop requested while the data and the study were loading
         study.optimize(make_objective(ctx), n_trials=None, n_jobs=opts.jobs, callbacks=[keeper.after_trial],
                        catch=(TrialFailed,), gc_after_trial=False, show_progress_bar=False)
-    except BaseException:  # Ctrl-C, SIGTERM (KeyboardInterrupt) or an error: the table as far as it got
-        with contextlib.suppress(Exception):  # the stop or the error is what the caller needs to hear of
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the interrupted trial queued again, then the table
+        with signals_ignored():
+            with contextlib.suppress(Exception):  # the stop is what the caller needs to hear of
+                stop.requeued = requeue_interrupted(study)  # how many, for the caller's message
+            with contextlib.suppress(Exception):
+                write_trials_csv(study, csv_path)
+        raise
+    except BaseException:  # an error: the table as far as it got
+        with contextlib.suppress(Exception):  # the error is what the caller needs to hear of
             write_trials_csv(study, csv_path)
         raise
     write_trials_csv(study, csv_path)

@@ -161,6 +161,19 @@ def stop_point() -> None:
 
 
 @contextlib.contextmanager
+def signals_ignored():
+    """Within: Ctrl-C and SIGTERM are ignored, so that a second signal cannot cut the clean-up after a stop half-way."""
+    import signal
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN), signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
+
+
+@contextlib.contextmanager
 def stop_at_safe_points():
     """Within: SIGTERM, and SIGINT where Python's own Ctrl-C handler is in place (not where the shell ignores it),
     request a stop instead of raising wherever the main thread is. On leaving, the handlers before and no request."""
