@@ -4,7 +4,10 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-DATA ?= $(if $(BUDGETNAS_DATA),$(BUDGETNAS_DATA),../shared/datasets)
+# DATA=/path/to/root is passed on when given; without it the CLI's own rule finds the set (README, top)
+DATA ?=
+DATA_DIR := $(if $(DATA),--data-dir $(DATA))
+DATA_ENV := $(if $(DATA),BUDGETNAS_DATA=$(DATA))
 TRIALS ?= 50
 
 .PHONY: install search best report test bench clean
@@ -20,20 +23,20 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 search: install
-	$(PY) cli.py search --trials $(TRIALS) --data-dir $(DATA)
+	$(PY) cli.py search --trials $(TRIALS) $(DATA_DIR)
 
 best: install
-	$(PY) cli.py best --data-dir $(DATA)
+	$(PY) cli.py best $(DATA_DIR)
 
 report: install
 	$(PY) cli.py report
 
 test: install
-	BUDGETNAS_DATA=$(DATA) $(PY) -m pytest -q $(PYTEST_ARGS)
+	$(DATA_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
-	BUDGETNAS_DATA=$(DATA) $(PY) benchmarks/train_throughput.py
-	BUDGETNAS_DATA=$(DATA) $(PY) benchmarks/accuracy.py
+	$(DATA_ENV) $(PY) benchmarks/train_throughput.py
+	$(DATA_ENV) $(PY) benchmarks/accuracy.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -3,7 +3,7 @@
 Thin: each command parses its options (declared in search/cli_options.py, from the bounds, defaults and choices of
 search/option_table.py), calls one function of the package (search/commands.py, search/run.py), prints what it
 returns and sets the exit code. Exit codes: 0 success, 1 refused (a network over the budget, a failed
-certification), 2 unusable input, 130 and 143 a search stopped by Ctrl-C and SIGTERM.
+certification), 2 unusable input, 130 and 143 a search, `best` or `certify` stopped by Ctrl-C and SIGTERM.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rich.text import Text
 from models.rules import RULES
 from search import cli_options as o
 from search.option_table import (CERTIFY_SEEDS, HEARTBEAT, SEARCH, DeviceName, Objective, PrunerName,
-                                 SamplerName)
+                                 SamplerName, SizeMetric)
 from search.refusals import CommandError
 
 # Plain help (no rich markup): markup would swallow the "[default: ...]" parts of the option descriptions.
@@ -57,30 +57,37 @@ def percent(value: Optional[float]) -> Optional[float]:
     return None if value is None else value / 100
 
 
-@app.command()
-def check(target: Annotated[str, typer.Argument(help=(
+@app.command(cls=o.PlainUsage)
+def check(target: Annotated[str, typer.Argument(metavar="TARGET", help=(
               "A preset name, a spec JSON file, or path/to/file.py:ClassName. A module target is imported, and so "
               "RUN: check only files you would run anyway; an import that raises or exits is refused (exit 2)."))],
           max_params: o.MaxParams = RULES.max_params) -> None:
     """Count parameters, receptive field and MACs per layer, and judge the network against the rules.
 
     `check path/to/file.py:ClassName` imports that file, running its code, and instantiates the class."""
+    from models.resources import resources_of
     from search.commands import check_command
 
     with exits():
         net, verdict = check_command(target, max_params)
-    print_check(target, net, verdict)
+        resources = resources_of(net, verdict)
+    print_check(target, net, verdict, resources)
     if not verdict.ok:
         raise typer.Exit(1)
 
 
-def print_check(target: str, net, verdict) -> None:
-    """The layer table, the receptive field (warning under the search's --min-rf), the head, and the verdict."""
+def print_check(target: str, net, verdict, resources=None) -> None:
+    """The layer table (with int8 activation and weight bytes), the int8 totals, the receptive field (warning under
+    the search's --min-rf), the head, and the verdict."""
     from models.spec import NetSpec
     from search.console import print_layer_table
     from search.data import SIDE
 
-    print_layer_table(verdict.analysis, f"{target}")
+    print_layer_table(verdict.analysis, f"{target}", resources)
+    if resources is not None:
+        log(resources.summary())
+        for note in resources.unmeasured:
+            log(f"  not measured: {note}")
     min_rf = SEARCH["min_rf"]
     if verdict.receptive_field is not None:
         log(f"receptive field before global pooling: {verdict.receptive_field} pixels")
@@ -98,8 +105,9 @@ def print_check(target: str, net, verdict) -> None:
         log(f"  - {reason}")
 
 
-@app.command()
-def show(preset: Annotated[str, typer.Argument(help="A preset name.")], as_json: o.AsJson = False) -> None:
+@app.command(cls=o.PlainUsage)
+def show(preset: Annotated[str, typer.Argument(metavar="PRESET", help="A preset name.")],
+         as_json: o.AsJson = False) -> None:
     """Print a preset's spec (JSON with --json) so it can be edited."""
     from models import presets
     from models.budget import analyze
@@ -118,6 +126,8 @@ def show(preset: Annotated[str, typer.Argument(help="A preset name.")], as_json:
 def search(  # long: one line per option
     trials: o.Trials = SEARCH["trials"], study: o.Study = SEARCH["study"], storage: o.Storage = None,
     epochs: o.Epochs = SEARCH["epochs"], max_params: o.MaxParams = SEARCH["max_params"],
+    max_macs: o.MaxMacs = None, max_activation_bytes: o.MaxActivationBytes = None,
+    max_model_bytes: o.MaxModelBytes = None, size_metric: o.SizeMetricOpt = SizeMetric(SEARCH["size_metric"]),
     objective: o.ObjectiveOpt = Objective(SEARCH["objective"]), sampler: o.Sampler = SamplerName(SEARCH["sampler"]),
     pruner: o.Pruner = PrunerName(SEARCH["pruner"]), seed: o.Seed = SEARCH["seed"],
     device: o.Device = DeviceName(SEARCH["device"]), jobs: o.Jobs = SEARCH["jobs"], subset: o.Subset = None,
@@ -133,7 +143,9 @@ def search(  # long: one line per option
 
     with exits():  # bad input refused before anything is written; Ctrl-C and SIGTERM: exit 130 and 143
         opts = search_options(heartbeat, worker_id, trials=trials, study=study, storage=storage, results_dir=results_dir,
-                              epochs=epochs, max_params=max_params, objective=objective.value, sampler=sampler.value,
+                              epochs=epochs, max_params=max_params, max_macs=max_macs,
+                              max_activation_bytes=max_activation_bytes, max_model_bytes=max_model_bytes,
+                              size_metric=size_metric.value, objective=objective.value, sampler=sampler.value,
                               pruner=pruner.value, seed=seed, device=device.value, jobs=jobs, subset=subset,
                               data_dir=data_dir, dataset=dataset, target=percent(target), floor=percent(floor),
                               descend=descend, warm_start=warm_start, repair=repair, max_rejections=max_rejections,
@@ -158,7 +170,7 @@ def certifying(seeds: int, data_dir: Optional[str], device: DeviceName, results_
 def best(
     study: o.Study = SEARCH["study"], storage: o.Storage = None, trial: o.BestTrial = None,
     target: o.BestTarget = None, front: o.Front = False, floor: o.Floor = None, seeds: o.Seeds = CERTIFY_SEEDS,
-    epochs: o.CertifyEpochs = None, max_params: o.CertifyMaxParams = RULES.max_params,
+    epochs: o.BestEpochs = None, max_params: o.CertifyMaxParams = RULES.max_params,
     device: o.Device = DeviceName(SEARCH["device"]), data_dir: o.DataDir = None,
     results_dir: o.ResultsDir = SEARCH["results_dir"],
 ) -> None:
@@ -168,7 +180,7 @@ def best(
     from search.retrain import certificate_dir
 
     how = certifying(seeds, data_dir, device, results_dir, max_params)
-    with exits():
+    with exits():  # Ctrl-C and SIGTERM: exit 130 and 143, one line saying what is kept (search/commands.py)
         choice, certs, summary = best_command(study, storage, how, trial=trial, target=percent(target), front=front,
                                               floor=percent(floor), epochs=epochs)
     if summary is not None:
@@ -184,8 +196,9 @@ def best(
 
 @app.command()
 def certify(
-    target: Annotated[Optional[str], typer.Argument(help="A preset name, a spec JSON file, or path/to/file.py:ClassName "
-                                                    "(or --study S --trial N for a stored trial).")] = None,
+    target: Annotated[Optional[str], typer.Argument(metavar="TARGET", help="A preset name, a spec JSON file, or "
+                                                    "path/to/file.py:ClassName (or --study S --trial N for a stored "
+                                                    "trial).")] = None,
     study: o.TrialStudy = None, trial: o.Trial = None, storage: o.Storage = None, name: o.Name = None,
     seeds: o.Seeds = CERTIFY_SEEDS, epochs: o.CertifyEpochs = None, optimizer: o.Optimizer = None, lr: o.Lr = None,
     batch_size: o.BatchSize = None, schedule: o.Schedule = None, augment: o.Augment = None,
@@ -200,7 +213,7 @@ def certify(
     from search.retrain import certificate_dir
 
     how = certifying(seeds, data_dir, device, results_dir, max_params)
-    with exits():
+    with exits():  # Ctrl-C and SIGTERM: exit 130 and 143, one line saying what is kept (search/commands.py)
         c, cert = certify_command(target, how, study=study, trial=trial, storage=storage, name=name, dataset=dataset,
                                   target_accuracy=percent(target_accuracy), epochs=epochs,
                                   optimizer=optimizer and optimizer.value, lr=lr, batch_size=batch_size,
@@ -212,23 +225,28 @@ def certify(
 
 @app.command()
 def export(certificate: o.Certificate = None, seed: o.ExportSeed = None, module: o.Module = None, out: o.Out = None,
-           data_dir: o.DataDir = None, results_dir: o.ExportResultsDir = SEARCH["results_dir"]) -> None:
-    """ONNX and TorchScript files of a certified network, BatchNorm folded into the convs, each checked on the
-    10,000 test images against the checkpoint; and a model card, MODEL.md. The certificate is verified first
+           data_dir: o.DataDir = None, results_dir: o.ExportResultsDir = SEARCH["results_dir"],
+           int8: o.Int8 = False) -> None:
+    """ONNX and torch.export (.pt2) files of a certified network, BatchNorm folded into the convs, each checked on
+    the 10,000 test images against the checkpoint; and a model card, MODEL.md. The certificate is verified first
     against its checkpoints (digests, spec, config, the rules judged again, every seed's test accuracy measured
-    again): a disagreement is exit 1 naming the field, with nothing written."""
+    again): a disagreement is exit 1 naming the field, with nothing written. --int8 adds model.int8.onnx."""
     from search.commands import export_command
 
     with exits():
-        path, result = export_command(certificate, seed, module, out, data_dir, results_dir, log)
+        path, result = export_command(certificate, seed, module, out, data_dir, results_dir, log, int8)
     if result.failed_rules:
         warn(f"{path.parent.name} fails {'; '.join(result.failed_rules)} (judged again from its checkpoints); "
              "exported anyway, and its card says so")
     acc = result.accuracy
     log(f"test accuracy: checkpoint {acc['checkpoint']:.2%}, BatchNorm folded {acc['folded']:.2%}, ONNX "
-        f"{acc['onnx']:.2%}, TorchScript {acc['torchscript']:.2%} (seed {result.seed})")
-    log(f"written: {result.onnx}, {result.torchscript}, {result.card}; {result.n_params:,} parameters, "
-        f"{result.n_params_folded:,} with BatchNorm folded")
+        f"{acc['onnx']:.2%}, torch.export {acc['pt2']:.2%}" + (f", int8 {acc['int8']:.2%}" if "int8" in acc else "")
+        + f" (seed {result.seed})")
+    if result.int8 and result.int8["warning"]:
+        warn(result.int8["warning"])
+    files = [result.onnx, result.program] + ([result.int8_path] if result.int8_path else []) + [result.card]
+    log(f"written: {', '.join(map(str, files))}; {result.n_params:,} parameters, {result.n_params_folded:,} with "
+        "BatchNorm folded")
 
 
 @app.command()
@@ -249,7 +267,8 @@ def report(study: o.Study = SEARCH["study"], storage: o.Storage = None,
 
 @app.command()
 def data(data_dir: o.DataDir = None, dataset: o.Dataset = SEARCH["dataset"]) -> None:
-    """Check a set's files under the data root (header, counts, shape, size, md5) and print the split sizes."""
+    """Check a set's files under the data root (header, counts, shape, size, every md5 computed now) and print the split
+    sizes."""
     from search.commands import data_command
 
     with exits():

@@ -1,7 +1,7 @@
 """Train presets with the default recipe and print validation accuracy per epoch.
 
     python benchmarks/accuracy.py [--presets baseline,small,tiny] [--epochs 15] [--seed 0] [--shards N]
-                                  [--data-dir ../shared/datasets]
+                                  [--data-dir DIR]
 
 Target: `baseline` at least 99.4% validation accuracy at its final epoch within 15 epochs.
 """
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.budget import count_params  # noqa: E402
 from models.build import build  # noqa: E402
 from models.presets import PRESETS  # noqa: E402
-from search.data import load_mnist  # noqa: E402
+from benchmarks.common import add_data_dir, load_or_exit  # noqa: E402
 from search.engine import TrainConfig, fit  # noqa: E402
 
 
@@ -26,11 +26,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data-dir", default=None)
+    add_data_dir(parser)
     parser.add_argument("--shards", type=int, default=None,
                         help="CPU batch shards (search/engine/whole_step.py); default: the engine's choice")
     args = parser.parse_args()
-    mnist = load_mnist(args.data_dir)
+    mnist = load_or_exit(args.data_dir)
     for name in args.presets.split(","):
         spec = PRESETS[name]
         cfg = TrainConfig(epochs=args.epochs, seed=args.seed)

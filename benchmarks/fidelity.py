@@ -31,7 +31,7 @@ import pandas as pd  # noqa: E402
 
 from models.budget import check  # noqa: E402
 from models.build import build  # noqa: E402
-from benchmarks.common import split_on_device  # noqa: E402
+from benchmarks.common import add_data_dir, split_on_device  # noqa: E402
 from search.engine import fit  # noqa: E402
 from search.pruning import (FLOOR_FROM_EPOCH, FLOOR_MARGIN, FLOOR_REFERENCES, NOT_LEARNING,  # noqa: E402
                             NOT_LEARNING_IMAGES)
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=None, help="evaluate on the first N validation images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data-dir", default=None)
+    add_data_dir(parser)
     parser.add_argument("--floor", type=float, default=99.0, help="percent: the floor stop replayed at this floor")
     parser.add_argument("--curves", default="results/fidelity.csv",
                         help="CSV of the curves, one row per net, written after each net; nets already in it with "

@@ -13,8 +13,10 @@ The plan, in order, each run once:
 2. confirm: per layout, the default and each factor's best screened value that beat it, with `--seeds` seeds;
 3. combine: per layout, all confirmed winners together, with `--seeds` seeds.
 Stages 2 and 3 are planned from the runs stored when they are reached. A variant changes one thing: a field of
-`TrainConfig`, the dropout of every conv block, the BatchNorm momentum (torch's running-statistics update rate), or
-the CPU shard count at batch 64 (BatchNorm then normalises over 64 / shards images).
+`TrainConfig` (the weight average `ema` among them; `momentum` comes with the cosine schedule, since OneCycle sets
+the momentum itself: WITH), the dropout of every conv block, the BatchNorm momentum (torch's running-statistics
+update rate), or the CPU shard count at batch 64 (BatchNorm then normalises over 64 / shards images). RECIPES names
+sets of changes for benchmarks/plain_pytorch.py ("published": #27's hand-made recipe).
 
 Every run's curve goes to `--runs` as soon as it has trained, so a run of many hours (about 5 minutes a run on 2 CPU
 cores) can be stopped with Ctrl-C and resumed by the same command; `--limit N` trains at most N runs this time.
@@ -33,13 +35,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models.budget import count_params  # noqa: E402
 from models.build import build  # noqa: E402
 from models.presets import PRESETS, _block  # noqa: E402
 from models.spec import ConvBlock, Head, NetSpec  # noqa: E402
-from benchmarks.common import split_on_device  # noqa: E402
+from benchmarks.common import add_data_dir, split_on_device  # noqa: E402
 from search.engine import TrainConfig, fit  # noqa: E402
 from search.engine.runtime import stop_at_safe_points  # noqa: E402
 
@@ -67,9 +70,31 @@ FACTORS = {
     "augment": [0.0, 0.25, 1.0],
     "dropout": [0.0, 0.1],
     "bn_momentum": [0.01, 0.3],
+    # Added after the runs stored in docs/recipe-runs.csv, so that their order in the plan stays as it was.
+    "ema": [0.99, 0.999],  # decay per step of the weight average evaluated (TrainConfig.ema); the default is off
+    "momentum": [0.8, 0.95],  # SGD's Nesterov momentum (default 0.9), under WITH's schedule
 }
-MODEL_FACTORS = ("dropout", "bn_momentum", "shards")
+# What a factor's values come with: OneCycle sets the momentum itself (TrainConfig), so the momentum factor runs
+# under the cosine schedule and is judged against the cosine schedule at the default momentum, a screened run.
+WITH = {"momentum": {"schedule": "cosine"}}
+MODEL_FACTORS = ("dropout", "bn_momentum", "shards", "init")
 DEFAULT = "default"
+# Named recipes, sets of changes for the engine-against-plain-PyTorch comparison (benchmarks/plain_pytorch.py).
+# "published": #27's hand-made recipe for a 3,762-parameter net, as far as the engine expresses it: SGD without
+# momentum, lr 0.05 at epoch 0 -> 0.1 at 2 -> 0.01 at 8 -> 0.005 at 12 -> 0 at 15 (TrainConfig's piecewise
+# defaults), batch 32, no weight decay or label smoothing, dropout 0.01, Xavier-uniform conv weights. Its
+# augmentation (shift, scale, rotation up to 7 degrees, each image with probability 0.5) becomes augment 7/8 (up to
+# 7 degrees, 7% scale, 1.75 px shift) on every image: the engine has no augmentation probability. No conv biases
+# (the layout's BatchNorm follows every conv). Meant for 15 epochs: the rate is 0 after epoch 15.
+RECIPES = {
+    "published": {"momentum": 0.0, "schedule": "piecewise", "lr": 0.1, "batch_size": 32, "weight_decay": 0.0,
+                  "label_smoothing": 0.0, "augment": 0.875, "dropout": 0.01, "init": "xavier"},
+}
+
+
+def variant(factor: str, value) -> dict:
+    """The changes of one screened value: the factor's, with what it comes with (WITH)."""
+    return {factor: value, **WITH.get(factor, {})}
 
 
 def recipe_name(changes: dict) -> str:
@@ -80,16 +105,21 @@ def planned_runs(done: pd.DataFrame, seeds: int) -> list[tuple[str, dict, int]]:
     """(layout, changes, seed) of every run the plan asks for now, in order, done or not."""
     plan = [(layout, {}, 0) for layout in LAYOUTS]
     for layout in LAYOUTS:
-        plan += [(layout, {factor: value}, 0) for factor, values in FACTORS.items() for value in values]
+        plan += [(layout, variant(factor, value), 0) for factor, values in FACTORS.items() for value in values]
     for layout in LAYOUTS:
         winners = _screen_winners(done, layout)
         if winners is None:  # the layout's screening is not complete: nothing more to plan for it yet
             continue
-        plan += [(layout, changes, seed) for changes in [{}] + [{k: v} for k, v in winners.items()]
+        bases = [{}] + [WITH[k] for k in winners if k in WITH]
+        plan += [(layout, changes, seed) for changes in bases + [variant(k, v) for k, v in winners.items()]
                  for seed in range(seeds)]
         confirmed = _confirmed(done, layout, winners, seeds)
         if confirmed:
-            plan += [(layout, confirmed, seed) for seed in range(seeds)]
+            combined = dict(confirmed)
+            for factor in confirmed:  # a companion only where no confirmed winner set that field
+                for key, value in WITH.get(factor, {}).items():
+                    combined.setdefault(key, value)
+            plan += [(layout, combined, seed) for seed in range(seeds)]
     return plan
 
 
@@ -103,17 +133,16 @@ def _mean_final(done: pd.DataFrame, layout: str, changes: dict, seeds: int | Non
 
 
 def _screen_winners(done: pd.DataFrame, layout: str) -> dict | None:
-    """Per factor, its screened value with the best seed-0 validation accuracy, where that beat the default's."""
+    """Per factor, its screened value with the best seed-0 validation accuracy, where that beat its base's: the
+    default's, or that of what the factor comes with (WITH)."""
     if not len(done):
         return None
     seed0 = done[(done.layout == layout) & (done.seed == 0)]
-    base = _mean_final(seed0, layout, {})
-    if base is None:
-        return None
     winners = {}
     for factor, values in FACTORS.items():
-        scores = [(_mean_final(seed0, layout, {factor: v}), v) for v in values]
-        if any(s is None for s, _ in scores):
+        base = _mean_final(seed0, layout, WITH.get(factor, {}))
+        scores = [(_mean_final(seed0, layout, variant(factor, v)), v) for v in values]
+        if base is None or any(s is None for s, _ in scores):
             return None
         best, value = max(scores, key=lambda sv: sv[0])
         if best > base:
@@ -122,16 +151,18 @@ def _screen_winners(done: pd.DataFrame, layout: str) -> dict | None:
 
 
 def _confirmed(done: pd.DataFrame, layout: str, winners: dict, seeds: int) -> dict | None:
-    """The winners whose mean over `seeds` seeds beat the default's mean over the same seeds; None until all ran."""
-    base = _mean_final(done, layout, {}, seeds)
-    means = {k: _mean_final(done, layout, {k: v}, seeds) for k, v in winners.items()}
-    if base is None or any(m is None for m in means.values()):
+    """The winners whose mean over `seeds` seeds beat their base's (the default's, or WITH's) over the same seeds;
+    None until all ran."""
+    bases = {k: _mean_final(done, layout, WITH.get(k, {}), seeds) for k in winners}
+    means = {k: _mean_final(done, layout, variant(k, v), seeds) for k, v in winners.items()}
+    if _mean_final(done, layout, {}, seeds) is None or any(m is None for m in (*means.values(), *bases.values())):
         return None
-    return {k: winners[k] for k, m in means.items() if m > base}
+    return {k: winners[k] for k, m in means.items() if m > bases[k]}
 
 
 def make_run(layout: str, changes: dict, seed: int, epochs: int) -> tuple[nn.Module, TrainConfig, int | None, int]:
-    """(model, config, shards or None for the engine's choice, parameters) of one run."""
+    """(model, config, shards or None for the engine's choice, parameters) of one run. With "init": "xavier" the
+    conv weights are drawn Xavier-uniform from the seed here, and fit must keep them (reset_weights=False)."""
     spec = LAYOUTS[layout]
     if "dropout" in changes:
         spec = replace(spec, blocks=tuple(replace(b, dropout=changes["dropout"]) if isinstance(b, ConvBlock) else b
@@ -143,13 +174,19 @@ def make_run(layout: str, changes: dict, seed: int, epochs: int) -> tuple[nn.Mod
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = changes["bn_momentum"]
+    if changes.get("init") == "xavier":
+        torch.manual_seed(seed)
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
     return model, cfg, changes.get("shards"), count_params(spec)
 
 
 def train_run(layout: str, changes: dict, seed: int, epochs: int, data: tuple, device) -> dict:
     model, cfg, shards, n_params = make_run(layout, changes, seed, epochs)
     start = time.perf_counter()
-    history = fit(model, None, None, cfg, device=device, data_on_device=data, progress=False, shards=shards)
+    history = fit(model, None, None, cfg, device=device, data_on_device=data, progress=False, shards=shards,
+                  reset_weights="init" not in changes)
     curve = [e.val_acc for e in history.epochs]
     return {"layout": layout, "n_params": n_params, "recipe": recipe_name(changes), "changes": json.dumps(changes),
             "seed": seed, "status": history.status, "epochs": len(curve),
@@ -174,6 +211,15 @@ def summary(done: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def append_run(stored: pd.DataFrame, row: dict, path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`row` appended to the stored runs and the file rewritten (a run is kept as soon as it has trained): (all the
+    runs, those of the row's setup)."""
+    stored = pd.concat([stored, pd.DataFrame([row])], ignore_index=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stored.to_csv(path, index=False)
+    return stored, stored[stored.setup == row["setup"]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", default="results/recipe.csv", help="every run's curve; the same file resumes")
@@ -183,7 +229,7 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=None, help="train on the first N training images (tests)")
     parser.add_argument("--val", type=int, default=None, help="evaluate on the first N validation images (tests)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data-dir", default=None)
+    add_data_dir(parser)
     args = parser.parse_args()
     device, train, val, data = split_on_device(args.device, args.data_dir, args.subset, args.val)
     setup = f"epochs={args.epochs} train={len(train)} val={len(val)}"
@@ -202,10 +248,7 @@ def main() -> None:
                 row = {"setup": setup, **train_run(layout, changes, seed, args.epochs, data, device)}
                 print(f"{layout} {row['recipe']} seed {seed}: {row['status']}, final validation "
                       f"{row['final_val_acc']:.2%} ({row['wall_s'] / 60:.1f} min)", flush=True)
-                stored = pd.concat([stored, pd.DataFrame([row])], ignore_index=True)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                stored.to_csv(path, index=False)
-                done = stored[stored.setup == setup]
+                stored, done = append_run(stored, row, path)
                 trained += 1
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM at a safe point (StopRequested is one)
         print(f"\nstopped; the runs trained so far are in {path}, and the same command resumes")

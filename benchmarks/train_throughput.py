@@ -30,7 +30,8 @@ from torch import nn  # noqa: E402
 from models.budget import analyze  # noqa: E402
 from models.build import build  # noqa: E402
 from models.presets import PRESETS  # noqa: E402
-from search.data import MEAN, STD, load_mnist, resolve_root  # noqa: E402
+from benchmarks.common import add_data_dir, load_or_exit  # noqa: E402
+from search.data import MEAN, STD, resolve_root  # noqa: E402
 from search.engine import TrainConfig, fit, resolve_device  # noqa: E402
 from search.engine.runtime import use_bf16  # noqa: E402
 from search.engine.whole_step import cpu_shards  # noqa: E402
@@ -161,7 +162,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=12_800, help="training images per measurement")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data-dir", default=None)
+    add_data_dir(parser)
     parser.add_argument("--compile", action="store_true", help="also measure the engine under torch.compile")
     parser.add_argument("--ablate", action="store_true",
                         help="also the engine with torch's nn.Dropout, and (on a CPU) unsharded (one batch on torch's "
@@ -173,7 +174,7 @@ def main() -> None:
     if args.usual_loop_only:
         print(usual_loop(PRESETS[args.usual_loop_only], root, args.images, device))
         return
-    mnist = load_mnist(args.data_dir)
+    mnist = load_or_exit(args.data_dir)
     bf16 = use_bf16(device)
     peak = matmul_peak(device, dtype=torch.bfloat16 if bf16 else torch.float32)
     fp32_peak = matmul_peak(device) if bf16 else peak

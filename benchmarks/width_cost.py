@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.budget import analyze  # noqa: E402
 from models.build import build  # noqa: E402
 from models.presets import PRESETS  # noqa: E402
-from benchmarks.common import split_on_device  # noqa: E402
+from benchmarks.common import add_data_dir, split_on_device  # noqa: E402
 from search.engine import TrainConfig, fit  # noqa: E402
 from search.widths import widths as _widths, with_widths as _with_widths  # noqa: E402
 
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=12_800)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data-dir", default=None)
+    add_data_dir(parser)
     args = parser.parse_args()
     device, _, _, data = split_on_device(args.device, args.data_dir, args.images, 500)
     cfg = TrainConfig(epochs=1, batch_size=64)

@@ -112,8 +112,9 @@ def check(spec: NetSpec, max_params: int = RULES.max_params) -> Verdict:
 # What its forward computes is judged op by op in models/verdict.py (deny by default; docs/verdict.md).
 
 
-def module_table(module, input_shape=(1, 1, 28, 28)) -> tuple[list[LayerRow], tuple[int, ...]]:
-    """Per-leaf-module output shape, parameters and conv MACs from one forward pass with hooks."""
+def module_table(module, input_shape=(1, 1, 28, 28)) -> tuple[list[LayerRow], object]:
+    """Per-leaf-module output shape, parameters and conv MACs from one forward pass with hooks; and what the forward
+    returned (a tensor of logits, or whatever else a module's own forward returns)."""
     import torch
     from torch import nn
 
@@ -145,7 +146,28 @@ def module_table(module, input_shape=(1, 1, 28, 28)) -> tuple[list[LayerRow], tu
         module.train(was_training)
         for h in handles:
             h.remove()
-    return rows, tuple(out.shape) if isinstance(out, torch.Tensor) else ()
+    return rows, out
+
+
+def output_problem(out, expected: tuple[int, ...]) -> str | None:
+    """Why a forward's output is not one tensor of logits of shape `expected` (for an input of `expected[0]`
+    images), naming what it is instead; None when it is."""
+    import torch
+
+    wanted = f"expected one (N, {expected[1]}) tensor of logits"
+    if isinstance(out, torch.Tensor):
+        return None if tuple(out.shape) == expected else f"output shape {tuple(out.shape)}, expected {expected} logits"
+    if isinstance(out, (tuple, list)):
+        kinds = {type(item).__name__ for item in out}
+        items = (f"{len(out)} tensor{'s' if len(out) != 1 else ''}" if kinds == {"Tensor"} else
+                 f"{len(out)} item{'s' if len(out) != 1 else ''} ({', '.join(sorted(kinds))})")
+        return f"output is a {type(out).__name__} of {items}, {wanted}"
+    if isinstance(out, dict):
+        keys = ", ".join(repr(k) for k in list(out)[:5]) + (", ..." if len(out) > 5 else "")
+        return f"output is a dict with {len(out)} key{'s' if len(out) != 1 else ''} ({keys}), {wanted}"
+    if out is None:
+        return f"output is None (does forward return its result?), {wanted}"
+    return f"output is a {type(out).__name__}, not a tensor, {wanted}"
 
 
 def check_module(module, input_shape=(1, 1, 28, 28), max_params: int = RULES.max_params,
@@ -199,10 +221,11 @@ def _check_module(module, input_shape, max_params: int, num_classes: int | None)
     try:
         if not judgement.raised:  # else said once already, by the judgement: no second run of a failing forward
             with exits_refused():
-                rows, out_shape = module_table(module, input_shape)
+                rows, out = module_table(module, input_shape)
             macs = sum(r.macs for r in rows)
-            if num_classes is not None and out_shape != (input_shape[0], num_classes):
-                reasons.append(f"output shape {out_shape}, expected ({input_shape[0]}, {num_classes}) logits")
+            problem = output_problem(out, (input_shape[0], num_classes)) if num_classes is not None else None
+            if problem:
+                reasons.append(problem)
     except (Exception, SystemExit, ExitCalled) as exc:  # a forward that exits is refused, not obeyed
         reasons.append(f"forward on an input of shape {tuple(input_shape)} failed: {type(exc).__name__}: {exc}")
     analysis = Analysis(tuple(rows), n_params, None, macs or 0)

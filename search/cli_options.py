@@ -10,7 +10,7 @@ import typer
 from models.rules import RULES
 from search.option_table import (BOUNDS, DATA_ROOT, FLOOR_POINTS, INDEX, MNIST_FLOOR_PERCENT, MNIST_TARGET_PERCENT,
                                  PERCENT, RUNGS, SEARCH, SEARCH_IMAGES, SHRINKS, TRAIN, Bound, DeviceName, Objective,
-                                 OptimizerName, PrunerName, SamplerName, ScheduleName)
+                                 OptimizerName, PrunerName, SamplerName, ScheduleName, SizeMetric)
 
 
 def bounded(bound: Bound):
@@ -21,6 +21,14 @@ def bounded(bound: Bound):
             raise typer.BadParameter(refusal)
         return value
     return check_value
+
+
+class PlainUsage(typer.core.TyperCommand):
+    """A command whose usage line names a required argument as click does, `check [OPTIONS] TARGET`: typer 0.29
+    writes `{target}`, which reads as a set of choices or a template to fill in."""
+
+    def collect_usage_pieces(self, ctx):
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)]
 
 
 def option(help: str, bound: Bound | str | None = None, *names: str, **kw):
@@ -56,7 +64,8 @@ Epochs = _opt(int, f"Epochs per trial (the rules allow at most {RULES.max_epochs
 ObjectiveOpt = _opt(Objective, "accuracy: maximise validation accuracy; pareto: also minimise parameters.")
 Sampler = _opt(SamplerName, "Optuna sampler: tpe (multivariate TPE), random, or nsga2.")
 Pruner = _opt(PrunerName, f"Stops weak trials early: sha = successive halving at epochs {RUNGS} (default; also for "
-                          "pareto), hyperband, median or none.")
+                          "pareto), hyperband, median, envelope (accuracy: stops only a trial that cannot come within "
+                          "the seed spread of the best, by the completed trials' own gains) or none.")
 Seed = _opt(int, "Sampler and training seed.")
 Jobs = _opt(int, "Trials in parallel in this process (helps on a GPU).", "jobs")
 Subset = _opt(Optional[int], f"Train on the first N training images (quick tries) [default: all {SEARCH_IMAGES:,}].",
@@ -65,8 +74,18 @@ SearchFloor = _opt(Optional[float], "Pareto: a trial that cannot reach this vali
                                     "epoch 3, judged by the largest gain the study's trials at the floor made after "
                                     f"that epoch [default: the target minus {FLOOR_POINTS}; none without a target].",
                    PERCENT)
-Descend = _opt(bool, f"Pareto: queue shrunk copies ({SHRINKS} of the parameters) of the smallest trial at the target "
-                     "and at the floor, every other trial.")
+Descend = _opt(bool, "Every other trial at most, an evolution step: a one-change child of a front member (accuracy: "
+                     f"of the incumbent), a tied member re-run; pareto, in turns: shrunk copies ({SHRINKS} of the "
+                     "parameters) of the smallest trial at the target and at the floor.")
+MaxMacs = _opt(Optional[int], "Budget: networks must have fewer MACs per image [default: no bound].",
+               "max_figure", "--max-macs")
+MaxActivationBytes = _opt(Optional[int], "Budget: peak activation memory (int8 bytes, batch 1, the 28x28 input "
+                                         "included) must stay under this [default: no bound].", "max_figure",
+                          "--max-activation-bytes")
+MaxModelBytes = _opt(Optional[int], "Budget: int8 model size (int8 weights, int32 biases, float32 scales; bytes) "
+                                    "must stay under this [default: no bound].", "max_figure", "--max-model-bytes")
+SizeMetricOpt = _opt(SizeMetric, "Pareto: the size minimised beside accuracy, and whose target each trial draws "
+                                 "(needs its --max-* bound, except params).", None, "--size-metric")
 WarmStart = _opt(bool, "Enqueue the presets as the first trials.")
 Repair = _opt(bool, "Shrink over-budget candidates until they fit, instead of rejecting them.")
 MaxRejections = _opt(int, "Stop after this many untrained candidates in a row.", "max_rejections")
@@ -78,8 +97,10 @@ Heartbeat = _opt(str, "Tests: heartbeat interval and grace, seconds.", hidden=Tr
 WorkerId = _opt(Optional[str], "Tests: play a worker on another host.", hidden=True)
 # best and certify
 Seeds = _opt(int, "Retraining seeds (0, 1, ...).", "seeds")
-CertifyEpochs = _opt(Optional[int], f"Epochs to retrain, at most {RULES.max_epochs} to pass [default: the trial's; "
-                                    f"{RULES.max_epochs} for other targets].", "certify_epochs", "--epochs")
+BestEpochs = _opt(Optional[int], f"Epochs to retrain, at most {RULES.max_epochs} to pass [default: the trial's, as "
+                                 "searched].", "certify_epochs", "--epochs")
+CertifyEpochs = _opt(Optional[int], f"Epochs to retrain, at most {RULES.max_epochs} to pass [default: the trial's "
+                                    f"with --trial, else {TRAIN['epochs']}].", "certify_epochs", "--epochs")
 BestTrial = _opt(Optional[int], "Certify this trial instead of the winner.", INDEX, "--trial")
 BestTarget = _opt(Optional[float], "Pareto studies: certify the smallest network whose validation accuracy reached "
                                    "this percentage.", PERCENT)
@@ -88,16 +109,19 @@ Front = _opt(bool, "Certify every trial on the accuracy/size front at or above -
 Floor = _opt(Optional[float], f"With --front: the lowest validation accuracy certified, percent [default: the study's "
                               f"target minus {FLOOR_POINTS}, {MNIST_FLOOR_PERCENT} on MNIST, as the search's --floor].",
              PERCENT)
-TrialStudy = _opt(Optional[str], "With --trial: the study of a stored trial.", None, "--study")
+TrialStudy = _opt(Optional[str], "With --trial: the study of a stored trial (required with --trial).", None,
+                  "--study")
 Name = _opt(Optional[str], "Folder name under <results>/certified/ [default: the preset, file or class name, or "
                            "<study>-trial-<N>].")
 Optimizer = _opt(Optional[OptimizerName], f"Recipe override [default: the trial's, else {TRAIN['optimizer']}].")
 Lr = _opt(Optional[float], f"Peak learning rate [default: the trial's, else {TRAIN['lr']}].")
 BatchSize = _opt(Optional[int], f"Images per step [default: the trial's, else {TRAIN['batch_size']}].", "batch_size")
-Schedule = _opt(Optional[ScheduleName], f"[default: the trial's, else {TRAIN['schedule']}].")
+Schedule = _opt(Optional[ScheduleName], f"Learning-rate schedule over the epochs [default: the trial's, else "
+                                        f"{TRAIN['schedule']}].")
 Augment = _opt(Optional[float], f"Affine augmentation strength, 0 to 3 [default: the trial's, else "
                                 f"{TRAIN['augment']}].")
-LabelSmoothing = _opt(Optional[float], f"[default: the trial's, else {TRAIN['label_smoothing']}].")
+LabelSmoothing = _opt(Optional[float], f"Label smoothing: the probability mass of each target spread over the other "
+                                       f"classes [default: the trial's, else {TRAIN['label_smoothing']}].")
 CertifyDataset = _opt(Optional[str], f"The image set: {DATASET_HELP} [default: the study's, else "
                                      f"{SEARCH['dataset']}].")
 CertifyResultsDir = _opt(str, "Where certificates go (<results>/certified/<name>/).")
@@ -109,6 +133,8 @@ Module = _opt(Optional[str], "path/to/file.py:Class, for the certificate of a mo
                              "run) only when named here, and only if its source has the sha256 the certificate "
                              "recorded [default: none, which a spec's certificate needs].")
 Out = _opt(Optional[str], "Folder for the files [default: export/ beside the certificate].")
+Int8 = _opt(bool, "Also write model.int8.onnx (onnxruntime static quantisation, calibrated on training images) and "
+                  "report its accuracy, size, activation memory and latency.", None, "--int8")
 ExportResultsDir = _opt(str, "Where certificates are.")
 # show and report
 AsJson = _opt(bool, "Print the spec as JSON, to edit and pass to check.", None, "--json")

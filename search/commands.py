@@ -12,7 +12,7 @@ from models.rules import RULES
 from search.data import DataError, check_data_root
 from search.errors import SearchError
 from search.fsio import UnwritablePath
-from search.refusals import CommandError, Refused
+from search.refusals import CommandError, Refused, certification_stops
 
 Log = Callable[[str], None]
 BEFORE_TRAINING = "REFUSED before training"
@@ -107,16 +107,16 @@ class Certifying:
 
 
 def certify_all(chosen, how: Certifying, target: Optional[float], reuse: bool = False,
-                after_each: Callable | None = None) -> list[tuple[dict, bool]]:
-    """Certify each network (refusing, before any training, one that a rule already fails); [(certificate, reused)].
-    `after_each(certs so far)` runs after each certification."""
+                after_each: Callable | None = None, certs: list | None = None) -> list[tuple[dict, bool]]:
+    """Certify each network (refusing, before any training, one that a rule already fails); [(certificate, reused)],
+    appended to `certs` (a new list by default) as each is done. `after_each(certs so far)` runs after each."""
     from search.retrain import certify, refusal_before_training, reusable_certificate
 
     for c in chosen:
         refusal = refusal_before_training(c, how.max_params)
         if refusal:
             raise Refused(f"{c.label()}: {refusal}", BEFORE_TRAINING)
-    certs: list[tuple[dict, bool]] = []
+    certs = [] if certs is None else certs
     for c in chosen:
         reused, why_not = (reusable_certificate(how.results_dir, c, how.seeds, target, how.max_params, how.data_dir)
                            if reuse else (None, None))
@@ -129,8 +129,7 @@ def certify_all(chosen, how: Certifying, target: Optional[float], reuse: bool = 
                     "reused")
             certs.append((reused, True))
             continue
-        how.log(f"certifying {c.label()}" + (f", validation {c.val_acc:.2%}" if c.val_acc is not None else ""))
-        try:
+        try:  # search/retrain.py says what trains, then a line per epoch
             result = certify(c, seeds=how.seeds, data_dir=how.data_dir, device=how.device,
                              results_dir=how.results_dir, max_params=how.max_params, target=target, log=how.log)
         except DataError as exc:
@@ -180,11 +179,18 @@ def best_command(study: str, storage: Optional[str], how: Certifying, trial: Opt
                  epochs: Optional[int] = None) -> tuple[BestChoice, list[tuple[dict, bool]], dict | None]:
     """`best` (fractions): (the choice, [(certificate, reused)], the front's summary or None); best.json, or with
     `front` front.json after each trial (an interrupted --front keeps what it certified), written."""
-    from search.record import study_dataset
-    from search.retrain import front_summary, write_best
-
     if front and (trial is not None or target is not None):
         raise CommandError("--front certifies the whole front; it takes neither --trial nor --target")
+    with certification_stops(front) as certs:  # Ctrl-C, SIGTERM: exit 130, 143, saying what is kept
+        return _best(study, storage, how, trial, target, front, floor, epochs, certs)
+
+
+def _best(study: str, storage: Optional[str], how: Certifying, trial: Optional[int], target: Optional[float],
+          front: bool, floor: Optional[float], epochs: Optional[int], certs: list):
+    from search.choose import winner_line
+    from search.record import candidates, study_dataset
+    from search.retrain import front_summary, write_best
+
     refuse_epochs(epochs)
     study_obj = open_study(study, storage, how.results_dir)
     check_run_inputs(how.device, how.data_dir, study_dataset(study_obj))
@@ -192,12 +198,15 @@ def best_command(study: str, storage: Optional[str], how: Certifying, trial: Opt
     if front:
         how.log(f"certifying the front at or above {choice.floor:.2%} validation: trials " + ", ".join(
             f"{r.number} ({r.n_params:,} params, {r.values[0]:.2%})" for r in choice.records))
-    elif choice.chosen[0].cfg.epochs < RULES.max_epochs and epochs is None:
-        how.log(f"note: trial {choice.records[0].number} was searched with {choice.chosen[0].cfg.epochs} epochs and "
+    elif trial is None and target is None:  # the winner rule, in words
+        how.log("certifying " + winner_line(candidates(study_obj)))
+    if not front and choice.chosen[0].cfg.epochs < RULES.max_epochs and epochs is None:
+        how.log(f"note: trial {choice.records[0].number} was searched with {choice.chosen[0].cfg.epochs} epoch"
+                f"{'s' if choice.chosen[0].cfg.epochs != 1 else ''} and "
                 f"is retrained with as many; --epochs {RULES.max_epochs} certifies it with the exercise's full "
                 "allowance")
     summarise = (lambda done: front_summary(study, choice.floor, how.seeds, done, how.results_dir)) if front else None
-    certs = certify_all(choice.chosen, how, choice.target, reuse=front, after_each=summarise)
+    certify_all(choice.chosen, how, choice.target, reuse=front, after_each=summarise, certs=certs)
     if front:
         return choice, certs, summarise(certs)
     write_best(how.results_dir, certs[0][0])
@@ -251,15 +260,18 @@ def certify_command(target: Optional[str], how: Certifying, *, study: Optional[s
     """`certify` (target_accuracy a fraction; None: the study's or the set's): (the Certifiable, its certificate)."""
     if (target is None) == (trial is None):
         raise CommandError("give a TARGET (preset, spec JSON, file.py:Class) or --study S --trial N, one of the two")
+    if trial is not None and study is None:  # no default study here: a trial number means nothing without one
+        raise CommandError(f"--trial {trial} needs --study, the study the trial is stored in (--study S --trial {trial})")
     refuse_epochs(recipe.get("epochs"))
-    check_run_inputs(how.device, how.data_dir, dataset or "mnist")
-    c, goal = to_certify(target, study, trial, storage, how.results_dir, name, dataset, how.data_dir, **recipe)
-    certs = certify_all([c], how, target_accuracy if target_accuracy is not None else goal)
+    with certification_stops():  # Ctrl-C, SIGTERM: exit 130, 143, saying what is kept
+        check_run_inputs(how.device, how.data_dir, dataset or "mnist")
+        c, goal = to_certify(target, study, trial, storage, how.results_dir, name, dataset, how.data_dir, **recipe)
+        certs = certify_all([c], how, target_accuracy if target_accuracy is not None else goal)
     return c, certs[0][0]
 
 
 def export_command(certificate: Optional[str], seed: Optional[int], module: Optional[str], out: Optional[str],
-                   data_dir: Optional[str], results_dir: str, log: Log = print):
+                   data_dir: Optional[str], results_dir: str, log: Log = print, int8: bool = False):
     """`export`: the certificate (the latest under results_dir by default) read and its seed and --module checked
     before any heavy work, the output folder checked writable, then verified against its checkpoints and exported.
     Returns (its path, search.export.Exported); a disagreement with the evidence, or a failed export, is exit 1 with
@@ -275,7 +287,8 @@ def export_command(certificate: Optional[str], seed: Optional[int], module: Opti
         path = Path(certificate) if certificate else latest_certificate(results_dir)
         prepare(path, seed, module)
         check_writable(Path(out) if out else path.parent / "export")
-        return path, export(path, Path(out) if out else None, data_dir, seed, module_target=module, log=log)
+        return path, export(path, Path(out) if out else None, data_dir, seed, module_target=module, log=log,
+                            int8=int8)
     except EvidenceMismatch as exc:
         raise CommandError(f"{path}: {exc}; nothing written", 1) from None
     except ExportError as exc:
@@ -302,17 +315,18 @@ def report_command(study: str, storage: Optional[str], results_dir: str, warn: L
 
 
 def data_command(data_dir: Optional[str], dataset: str = "mnist") -> str:
-    """`data`: a set's four files checked under the data root (header, counts, shape, size, md5); one line saying
-    what was found."""
+    """`data`: a set's four files checked under the data root (header, counts, shape, size, and every md5 computed
+    now, never taken from the cache); one line saying what was found and checked."""
     from search.data import KNOWN, load_data
 
     try:
-        check_data_root(data_dir, dataset)
+        check_data_root(data_dir, dataset, recompute_md5=True)  # the explicit check: no sum taken from the cache
         found = load_data(data_dir, dataset=dataset, with_test=True)
     except DataError as exc:
         raise CommandError(str(exc)) from None
-    verified = ("all four files match the published md5 sums" if dataset in KNOWN and KNOWN[dataset].md5 else
-                "files checked (header, counts, shape); md5 sums recorded: " + ", ".join(
+    verified = ("the md5 sums of all four files, computed now, match the published ones"
+                if dataset in KNOWN and KNOWN[dataset].md5 else
+                "files checked (header, counts, shape); md5 sums, computed now: " + ", ".join(
                     f"{name} {digest}" for name, digest in sorted(found.md5.items())))
     return (f"{dataset} under {found.root}: {len(found.train):,} train, {len(found.val):,} validation (held out "
             f"from the training set), {len(found.test):,} test images; {found.classes} classes; normalised with mean "

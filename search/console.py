@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from models.rules import RULES
+from search.choose import winner_line
 from search.record import Outcome, TrialRecord, leaderboard
 from search.storage import describe_storage
 from search.tally import tally_of
@@ -13,18 +14,34 @@ from search.tally import tally_of
 console = Console(soft_wrap=True)  # log lines stay whole in files and CI logs
 
 
-def print_layer_table(analysis, title: str) -> None:
+def print_layer_table(analysis, title: str, resources=None) -> None:
+    """One row per layer; with `resources` (models/resources.py), two more columns: the int8 bytes of the maps the
+    layer reads and writes ("-" for a layer that runs in place or is folded, "?" where not measured) and of its
+    weights, bias and scales; the total row has the peak activation bytes and the int8 model size."""
     table = Table(title=title, title_justify="left")
-    for col, justify in (("layer", "left"), ("op", "left"), ("output", "right"), ("params", "right"),
-                         ("receptive field", "right"), ("MACs", "right")):
+    columns = [("layer", "left"), ("op", "left"), ("output", "right"), ("params", "right"),
+               ("receptive field", "right"), ("MACs", "right")]
+    costs = {c.name: c for c in resources.layers} if resources is not None else None
+    for col, justify in columns + ([("activation bytes", "right"), ("int8 bytes", "right")] if costs is not None
+                                   else []):
         table.add_column(col, justify=justify)
     for row in analysis.layers:
+        cost = costs.get(row.name) if costs is not None else None
+        extra = [] if costs is None else (["-", "-"] if cost is None else ["?", "?"] if not cost.measured else
+                                          [f"{cost.activation_bytes:,}" if cost.activation_bytes else "-",
+                                           f"{cost.int8_bytes:,}" if cost.int8_bytes else "-"])
         table.add_row(row.name, row.op, "x".join(map(str, row.out_shape)), f"{row.n_params:,}",
-                      "-" if row.receptive_field is None else f"{row.receptive_field}", f"{row.macs:,}")
+                      "-" if row.receptive_field is None else f"{row.receptive_field}", f"{row.macs:,}", *extra)
     table.add_section()
+    total = [] if costs is None else [_bytes(resources.peak_activation_bytes), _bytes(resources.int8_bytes)]
     table.add_row("total", "", "", f"{analysis.n_params:,}",
-                  "-" if analysis.receptive_field is None else str(analysis.receptive_field), f"{analysis.macs:,}")
+                  "-" if analysis.receptive_field is None else str(analysis.receptive_field), f"{analysis.macs:,}",
+                  *total)
     console.print(table)
+
+
+def _bytes(value) -> str:
+    return "?" if value is None else f"{value:,}"
 
 
 def print_trial_line(study_obj, trial, opts) -> None:
@@ -45,17 +62,18 @@ def print_trial_line(study_obj, trial, opts) -> None:
 
 
 def print_leaderboard(result, opts) -> None:
+    from search.run import summary_line
+
     done = leaderboard(result.study)
-    table = Table(title=f"study {opts.study}: {result.trained} trained, {result.counts.get('completed', 0)} completed, "
-                        f"{result.counts.get('pruned', 0)} pruned, {result.counts.get('rejected', 0)} rejected, "
-                        f"{result.counts.get('failed', 0)} failed; {result.wall_s:.0f} s this run",
-                  title_justify="left")
+    table = Table(title=summary_line(opts.study, result.trained, result.counts, result.wall_s), title_justify="left")
     for col in ("trial", "val acc", "params", "RF", "epochs", "optimizer", "lr", "seconds"):
         table.add_column(col, justify="right")
     for r in done[:10]:
         table.add_row(str(r.number), f"{r.values[0]:.2%}", f"{r.n_params:,}", str(r.receptive_field),
                       str(r.epochs_trained), r.config.optimizer, f"{r.config.lr:.3g}", f"{r.wall_s or 0:.0f}")
     console.print(table)
+    if done and opts.objective == "accuracy":  # the network `best` certifies (search/choose.py)
+        console.print("winner: " + winner_line(done), highlight=False)
     console.print(f"stored in {describe_storage(opts.storage_url)}; trials table: {result.csv_path}")
 
 

@@ -10,7 +10,8 @@ a milder shrink (SHRINK[1]) is tried once, and the level waits for the sampler t
 One descendant at a time is queued or training, and never two in a row: descents take at most every other training
 slot and the sampler keeps exploring; workers sharing the storage do not queue the same step twice
 (`skip_if_exists` guards the rest). Descendants are ordinary trials: they count towards --trials,
-are pruned like any other, and carry `shrunk_from` and `shrink` user attributes.
+are pruned like any other, and carry `shrunk_from` and `shrink` user attributes. The search calls it through the
+evolution step (search/evolution.py, `next_step`): descents and the evolution's children take turns in those slots.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""`export`: a certified network out of budgetnas, as ONNX and TorchScript files any runtime loads, with BatchNorm
-folded into the convs before it, checked on the 10,000 test images, and a model card (MODEL.md) beside them.
+"""`export`: a certified network out of budgetnas, as an ONNX file any runtime loads and a torch.export program
+(.pt2), with BatchNorm folded into the convs before it, each checked on the 10,000 test images, and a model card
+(MODEL.md) beside them; with `int8`, also an int8 ONNX file (search/quantise.py), its accuracy beside the float one's.
 
 The exported network takes normalised images, (batch, 1, 28, 28) float32: (pixel / 255 - mean) / std with MNIST's
 mean and std, written into the ONNX file's metadata; the batch size is free. It returns 10 logits per image.
@@ -28,6 +29,8 @@ from models.rules import RULES
 from search.certificate import CertificateError, Verified, check_module_option, read_certificate, verify
 from search.engine import evaluate
 from search.fsio import atomic_write_text
+from search.quantise import INT8_NAME, int8_card, int8_expected, write_int8
+from search.quantise import onnx_accuracy as _onnx_accuracy
 from search.storage import provenance
 
 OPSET = 20  # ONNX opset: current in onnxruntime 1.17 and later
@@ -42,13 +45,15 @@ class ExportError(RuntimeError):
 class Exported:
     folder: Path
     onnx: Path
-    torchscript: Path
+    program: Path  # model.pt2, torch.export
     card: Path
     n_params: int  # as trained
     n_params_folded: int  # BatchNorm folded into the convs
-    accuracy: dict  # checkpoint, folded, onnx, torchscript: test accuracy (fractions)
+    accuracy: dict  # checkpoint, folded, onnx, pt2 (and int8): test accuracy (fractions)
     seed: int
     failed_rules: list[str]  # judged again from the checkpoints
+    int8: dict | None = None  # search/quantise.py's figures of model.int8.onnx, with `export --int8`
+    int8_path: Path | None = None
 
 
 def latest_certificate(results_dir: str) -> Path:
@@ -78,18 +83,9 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
         return plain
 
 
-def _onnx_accuracy(path: Path, x: torch.Tensor, y: torch.Tensor) -> float:
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    correct = 0
-    for i in range(0, len(y), 1000):  # in batches of 1,000: the batch size is dynamic
-        logits = session.run(None, {"image": x[i:i + 1000].numpy()})[0]
-        correct += int((torch.from_numpy(logits).argmax(1) == y[i:i + 1000]).sum())
-    return correct / len(y)
-
-
 def _write_onnx(model: nn.Module, path: Path, metadata: dict) -> None:
+    """One self-contained ONNX file: torch's exporter may put the weights in `<name>.data` beside it; they are
+    loaded back into the file, and a `.data` file left by this or an earlier export is deleted."""
     import onnx
 
     example = torch.zeros(2, 1, 28, 28)
@@ -103,15 +99,34 @@ def _write_onnx(model: nn.Module, path: Path, metadata: dict) -> None:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
+    onnx.save(proto, str(path), save_as_external_data=False)
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
 
 
-def _write_torchscript(model: nn.Module, path: Path) -> nn.Module:
-    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.x; still loaded by libtorch and torch
-        warnings.simplefilter("ignore", FutureWarning)
-        scripted = torch.jit.trace(model, torch.zeros(2, 1, 28, 28))
-        scripted.save(str(path))
-        return torch.jit.load(str(path))
+def _write_program(model: nn.Module, path: Path) -> nn.Module:
+    """torch.export's program of the folded network (dynamic batch size), saved and loaded back: the module run."""
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (torch.zeros(2, 1, 28, 28),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+    return torch.export.load(str(path)).module()
+
+
+def _guarded(what: str, step):
+    """`step()`, with any failure said in one line (ExportError, exit 1) instead of a traceback: a network of one's
+    own may use what torch.export or the quantiser cannot handle."""
+    try:
+        return step()
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ExportError(f"{what} failed: {type(exc).__name__}: {first}") from None
+
+
+@torch.no_grad()
+def _program_accuracy(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Test accuracy of a loaded torch.export module, in batches of 1,000 (it has no eval(): nothing in it depends
+    on the mode once BatchNorm is folded and dropout removed)."""
+    correct = sum(int((module(x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum()) for i in range(0, len(y), 1000))
+    return correct / len(y)
 
 
 def choose_seed(cert: dict, seed: int | None) -> int:
@@ -149,15 +164,15 @@ def rules_verdict(rules: list[dict], target: float | None) -> str:
 
 
 def export(certificate_path: Path, out_dir: Path | None = None, data_dir: str | None = None, seed: int | None = None,
-           log=print, module_target: str | None = None) -> Exported:
+           log=print, module_target: str | None = None, int8: bool = False) -> Exported:
     """Export one seed's checkpoint (by default the seed with the best final test accuracy) of a certificate, after
     verifying the certificate against its checkpoints and measuring every seed again (search/certificate.py):
-    EvidenceMismatch, with nothing written, where they disagree."""
+    EvidenceMismatch, with nothing written, where they disagree. With `int8`, model.int8.onnx too."""
     cert, seed = prepare(Path(certificate_path), seed, module_target)
     verified = verify(cert, near=[Path(certificate_path).parent], module_target=module_target, data_dir=data_dir)
     module = verified.evidence[seed].module.eval()
     x, y = verified.test
-    stats, record = (cert["dataset"]["mean"], cert["dataset"]["std"]), cert["dataset"]
+    stats = (cert["dataset"]["mean"], cert["dataset"]["std"])
     start = time.perf_counter()
     fp32 = cert["seeds"][[r["seed"] for r in cert["seeds"]].index(seed)].get("precision") != "bf16"
     accuracy = {"checkpoint": verified.accuracy[seed] if fp32 else evaluate(module, x, y, bf16=False)[1]}
@@ -165,35 +180,57 @@ def export(certificate_path: Path, out_dir: Path | None = None, data_dir: str | 
     accuracy["folded"] = evaluate(folded, x, y, bf16=False)[1]
     n_params = sum(p.numel() for p in module.parameters())
     n_folded = sum(p.numel() for p in folded.parameters())
-    metadata = {"dataset": record["name"],
-                "input": "image: float32 (batch, 1, 28, 28), a grey 28x28 image normalised as (pixel / 255 - mean) / std",
-                "normalisation_mean": f"{stats[0]}", "normalisation_std": f"{stats[1]}",
-                "output": f"logits: (batch, {record['classes']}), classes 0-{record['classes'] - 1}",
-                "certificate": cert["name"], "n_params_trained": str(n_params), "n_params_folded": str(n_folded),
-                "test_accuracy": f"{accuracy['checkpoint']:.4f}", "seed": str(seed),
-                "rules": rules_verdict(verified.rules, cert["target"])}
     folder = Path(out_dir) if out_dir else Path(certificate_path).parent / "export"
     folder.mkdir(parents=True, exist_ok=True)
-    onnx_path, ts_path = folder / "model.onnx", folder / "model.torchscript.pt"
     log(f"verified: {cert['name']}'s certificate against its {len(cert['seeds'])} checkpoint(s) (digests, spec, "
         f"config, the rules judged again, every seed's test accuracy measured again)")
     log(f"exporting {cert['name']} seed {seed}: {n_params:,} params, {n_folded:,} with BatchNorm folded")
+    metadata = _metadata(verified, seed, accuracy["checkpoint"], n_params, n_folded)
+    onnx_path, pt2_path = _write_float(folded, folder, metadata, (x, y), accuracy)
+    figures = None
+    if int8:
+        figures = _guarded("int8 quantisation (model.int8.onnx)", lambda: write_int8(
+            folder / INT8_NAME, onnx_path, cert["dataset"], data_dir, (x, y), accuracy, log))
+        figures.update(int8_expected(folded, verified.spec))
+    card = atomic_write_text(folder / "MODEL.md", model_card(verified, seed, accuracy, n_params, n_folded, stats,
+                                                             figures))
+    summary = {"certificate": str(Path(certificate_path).resolve()), "seed": seed, "accuracy": accuracy,
+               "n_params": n_params, "n_params_folded": n_folded, "onnx": str(onnx_path), "pt2": str(pt2_path),
+               "opset": OPSET, "int8": figures, "seconds": time.perf_counter() - start}
+    atomic_write_text(folder / "export.json", json.dumps(summary, indent=2))
+    return Exported(folder, onnx_path, pt2_path, card, n_params, n_folded, accuracy, seed,
+                    [r["rule"] for r in verified.rules if not r["pass"]], figures,
+                    folder / INT8_NAME if int8 else None)
+
+
+def _metadata(verified: Verified, seed: int, checkpoint_acc: float, n_params: int, n_folded: int) -> dict:
+    """The ONNX file's metadata: how to feed it, what it returns, where it comes from."""
+    cert, record = verified.cert, verified.cert["dataset"]
+    return {"dataset": record["name"],
+            "input": "image: float32 (batch, 1, 28, 28), a grey 28x28 image normalised as (pixel / 255 - mean) / std",
+            "normalisation_mean": f"{record['mean']}", "normalisation_std": f"{record['std']}",
+            "output": f"logits: (batch, {record['classes']}), classes 0-{record['classes'] - 1}",
+            "certificate": cert["name"], "n_params_trained": str(n_params), "n_params_folded": str(n_folded),
+            "test_accuracy": f"{checkpoint_acc:.4f}", "seed": str(seed),
+            "rules": rules_verdict(verified.rules, cert["target"])}
+
+
+def _write_float(folded: nn.Module, folder: Path, metadata: dict, test: tuple, accuracy: dict) -> tuple[Path, Path]:
+    """model.onnx and model.pt2, each run on the test images into `accuracy`; ExportError where one (or the folded
+    network) differs from the checkpoint by more than TOLERANCE."""
+    x, y = test
+    onnx_path, pt2_path = folder / "model.onnx", folder / "model.pt2"
     _write_onnx(folded, onnx_path, metadata)
     accuracy["onnx"] = _onnx_accuracy(onnx_path, x, y)
-    accuracy["torchscript"] = evaluate(_write_torchscript(folded, ts_path), x, y, bf16=False)[1]
-    for kind in ("folded", "onnx", "torchscript"):
+    accuracy["pt2"] = _guarded("torch.export (model.pt2)", lambda: _program_accuracy(_write_program(folded, pt2_path),
+                                                                                      x, y))
+    for kind in ("folded", "onnx", "pt2"):
         gap = abs(accuracy[kind] - accuracy["checkpoint"])
         if gap > TOLERANCE:
             raise ExportError(f"the {kind} network's test accuracy {accuracy[kind]:.4%} differs from the checkpoint's "
                               f"{accuracy['checkpoint']:.4%} by {gap * 100:.3f} points (at most "
                               f"{TOLERANCE * 100:.2f} allowed); files left in {folder} for inspection")
-    card = atomic_write_text(folder / "MODEL.md", model_card(verified, seed, accuracy, n_params, n_folded, stats))
-    summary = {"certificate": str(Path(certificate_path).resolve()), "seed": seed, "accuracy": accuracy,
-               "n_params": n_params, "n_params_folded": n_folded, "onnx": str(onnx_path),
-               "torchscript": str(ts_path), "opset": OPSET, "seconds": time.perf_counter() - start}
-    atomic_write_text(folder / "export.json", json.dumps(summary, indent=2))
-    return Exported(folder, onnx_path, ts_path, card, n_params, n_folded, accuracy, seed,
-                    [r["rule"] for r in verified.rules if not r["pass"]])
+    return onnx_path, pt2_path
 
 
 def _card_verdict(verified: Verified) -> list[str]:
@@ -240,7 +277,7 @@ def _card_reproduce(cert: dict, dataset: str) -> list[str]:
 
 
 def model_card(verified: Verified, seed: int, accuracy: dict, n_params: int, n_folded: int,
-               stats: tuple[float, float]) -> str:
+               stats: tuple[float, float], int8: dict | None = None) -> str:
     """MODEL.md: what the network is, how it was trained and certified, and how to reproduce it; the rules and the
     accuracies are those judged and measured again on export, not the certificate's word."""
     cert = verified.cert
@@ -258,9 +295,11 @@ def model_card(verified: Verified, seed: int, accuracy: dict, n_params: int, n_f
     lines += [f"| {r['seed']} | {verified.accuracy[r['seed']]:.2%} |" for r in cert["seeds"]]
     lines += [f"| mean +- sd | {mean:.2%} +- {sd:.2%} |", "",
               f"Exported: seed {seed}. Its accuracy as checkpoint {accuracy['checkpoint']:.2%}, with BatchNorm folded "
-              f"{accuracy['folded']:.2%}, ONNX (onnxruntime) {accuracy['onnx']:.2%}, TorchScript "
-              f"{accuracy['torchscript']:.2%}.", ""]
+              f"{accuracy['folded']:.2%}, ONNX (onnxruntime) {accuracy['onnx']:.2%}, torch.export program (model.pt2) "
+              f"{accuracy['pt2']:.2%}" + (f", int8 ONNX {accuracy['int8']:.2%}" if "int8" in accuracy else "") + ".",
+              ""]
     lines += _card_network(verified, n_params, n_folded)
+    lines += int8_card(int8, accuracy) if int8 else []
     lines += ["## Training recipe", "", "| field | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in cert["config"].items() if k != "seed"]
     lines += ["", f"All of {dataset}'s training images, seeds {', '.join(str(r['seed']) for r in cert['seeds'])}; "

@@ -1,6 +1,8 @@
 """IDX files: found in a folder (each possibly gzipped), checked (header, counts, shape, size and, for a known set,
-the published md5, verified once per file and remembered across commands) and read as uint8 tensors. A broken file
-is named, never silently replaced."""
+the published md5) and read as uint8 tensors. A broken file is named, never silently replaced. An md5 is computed
+once per file and remembered across commands, keyed by the file's path, size, modification time, inode change time
+and inode number (a write changes the change time, and os.utime cannot set it back); `recompute=True` computes it
+again regardless, and every message that gives an md5 says whether it was computed now or remembered."""
 
 from __future__ import annotations
 
@@ -47,27 +49,36 @@ def require_file(folder: Path, name: str) -> Path:
 
 # ---- md5 sums, verified once per file ------------------------------------------------------------------------------
 
-# md5 sums verified once per file and remembered across commands (a stamp per file: path, size and modification
-# time), in the user's cache, never beside the data (which may be read-only or shared).
-STAMPS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "budgetnas" / "verified-md5.json"
+# md5 sums verified once per file and remembered across commands, in the user's cache, never beside the data (which
+# may be read-only or shared). None: $XDG_CACHE_HOME (else ~/.cache)/budgetnas/verified-md5.json, read at each use.
+STAMPS: Path | None = None
 
 
-def _stamp(path: Path, size: int, mtime_ns: int) -> str:
-    return f"{path.resolve()}|{size}|{mtime_ns}"
+def _stamps() -> Path:
+    return STAMPS or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "budgetnas" / "verified-md5.json"
 
 
-def _remembered(path: Path, size: int, mtime_ns: int) -> str | None:
+def _stamp(path: Path, stat: os.stat_result) -> str:
+    """What identifies one state of a file: path, size in bytes, modification and inode change times in ns (the
+    change time moves on any write, and os.utime cannot restore it), inode number (another file put in its place)."""
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
+
+
+def _remembered(stamp: str) -> str | None:
     try:
-        return json.loads(STAMPS.read_text()).get(_stamp(path, size, mtime_ns))
+        return json.loads(_stamps().read_text()).get(stamp)
     except (OSError, ValueError):
         return None
 
 
-def _remember(path: Path, size: int, mtime_ns: int, md5: str) -> None:
+def _remember(stamp: str, md5: str) -> None:
     try:
-        known = json.loads(STAMPS.read_text()) if STAMPS.exists() else {}
-        known[_stamp(path, size, mtime_ns)] = md5
-        atomic_write_text(STAMPS, json.dumps(known, indent=1))
+        stamps = _stamps()
+        known = json.loads(stamps.read_text()) if stamps.exists() else {}
+        path = stamp.rsplit("|", 4)[0]
+        known = {k: v for k, v in known.items() if k.rsplit("|", 4)[0] != path}  # the file's earlier states: stale
+        known[stamp] = md5
+        atomic_write_text(stamps, json.dumps(known, indent=1))
     except (OSError, ValueError):
         pass  # a cache: without it, the next command checks the md5 again
 
@@ -93,18 +104,18 @@ def _which_known(name: str, digest: str) -> str | None:
     return next((s.title for s in KNOWN.values() if s.md5.get(name) == digest), None)
 
 
-def check_file(path: Path, dataset: str = "mnist") -> str:
-    """Check one file's header, counts, shape, size and (known sets) md5; return the md5 of its content. Raises
-    DataError naming the file and what is wrong."""
+def check_file(path: Path, dataset: str = "mnist", *, recompute: bool = False) -> str:
+    """Check one file's header, counts, shape, size and (known sets) md5; return the md5 of its content, computed
+    now with `recompute`, else remembered when the file is unchanged since it was last computed. Raises DataError
+    naming the file and what is wrong."""
     if not path.is_file():
         raise DataError(f"{path}: missing")
     stat = path.stat()
-    return _check_file(path, stat.st_size, stat.st_mtime_ns, dataset)
+    check = _verify if recompute else _check_file  # recompute: not even this process's earlier result is used
+    return check(path, _stamp(path, stat), stat.st_size, dataset, recompute)
 
 
-@functools.lru_cache(maxsize=32)
-def _check_file(path: Path, actual: int, mtime_ns: int, dataset: str) -> str:
-    """Keyed by size and mtime: an unchanged file is read once per process, its md5 once per machine."""
+def _check_header(path: Path, actual: int, dataset: str) -> None:
     name = path.name.removesuffix(".gz")
     magic, items, size = FILES[name]
     header = _header(path)
@@ -122,24 +133,37 @@ def _check_file(path: Path, actual: int, mtime_ns: int, dataset: str) -> str:
         raise DataError(f"{path}: header says {shape[0]:,} items, expected {items:,}")
     if path.suffix != ".gz" and known is not None and actual != size:
         raise DataError(f"{path}: {actual:,} bytes, expected {size:,}: the file is truncated or padded")
-    remembered = _remembered(path, actual, mtime_ns)  # the content's md5, read before: not read again
+
+
+def _verify(path: Path, stamp: str, actual: int, dataset: str, recompute: bool) -> str:
+    """The header checks, then the md5: remembered by the stamp (an unchanged file's md5 is computed once per
+    machine) unless `recompute`."""
+    _check_header(path, actual, dataset)
+    name = path.name.removesuffix(".gz")
+    remembered = None if recompute else _remembered(stamp)  # the content's md5, computed before: not read again
     digest = remembered or _md5(path)
+    how = "remembered from an earlier check of this unchanged file" if remembered else "computed now"
+    known = KNOWN.get(dataset)
     if known is not None:
         expected = known.md5.get(name)
         if expected is None and path.suffix == ".gz" and remembered is None:  # only .gz sums published (KMNIST)
             expected_gz, got_gz = known.gz_md5.get(name), _md5(path, as_stored=True)
             if expected_gz and got_gz != expected_gz:
-                raise DataError(f"{path}: md5 {got_gz} does not match the published {expected_gz}: not {known.title}'s"
-                                " file, or corrupted")
+                raise DataError(f"{path}: md5 {got_gz} (computed now) does not match the published {expected_gz}: "
+                                f"not {known.title}'s file, or corrupted")
         elif expected is not None and digest != expected:
             other = _which_known(name, digest)
             if other and other != known.title:
                 raise DataError(f"{path}: these are {other}'s files, not {known.title}'s; give --dataset "
                                 f"{next(s.name for s in KNOWN.values() if s.title == other)}")
-            raise DataError(f"{path}: md5 {digest} does not match the published {expected}: the file is corrupted")
+            raise DataError(f"{path}: md5 {digest} ({how}) does not match the published {expected}: the file is "
+                            "corrupted")
     if remembered is None:
-        _remember(path, actual, mtime_ns, digest)
+        _remember(stamp, digest)
     return digest
+
+
+_check_file = functools.lru_cache(maxsize=32)(_verify)  # keyed by the stamp: an unchanged file read once per process
 
 
 def read_idx(path: Path) -> torch.Tensor:

@@ -2,7 +2,8 @@
 returns a `Refusal` or nothing; `_refuse` records a refusal, the only place an untrained outcome is written.
 
     suggest           the space's choices -> (NetSpec, TrainConfig); an impossible layout is rejected
-    budget            parameters counted from the spec; over the budget -> rejected (or repaired with --repair)
+    budget            parameters, MACs and int8 bytes counted from the spec (search/budgets.py); at or over a
+                      bound -> rejected (or repaired with --repair)
     receptive_field   under --min-rf pixels -> rejected
     duplicate         same spec and config as a stored trial -> its result is reused
     module            the built nn.Module checked again (defence in depth) -> rejected if it disagrees
@@ -27,7 +28,8 @@ from models.budget import analyze, check, check_module
 from models.build import build
 from models.spec import NetSpec, SpecError
 from search import space
-from search.engine import TrainConfig, fit, planned_engine
+from search.budgets import ATTRS, Budget, figures
+from search.engine import TrainConfig, epoch_line, fit, planned_engine
 from search.engine.runtime import stop_point
 from search.options import SearchOptions
 from search.pruning import floor_stop_reason, pareto_should_prune, rungs
@@ -79,29 +81,31 @@ def gate_suggest(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | N
     try:
         with warnings.catch_warnings():  # the enqueued presets may lie between the space's width steps
             warnings.filterwarnings("ignore", message="Fixed parameter .* out of range", category=UserWarning)
-            c.spec, c.cfg = space.suggest(w.trial, epochs=ctx.opts.epochs, seed=ctx.opts.seed,
+            seed = w.trial.user_attrs.get("seed", ctx.opts.seed)  # an evolution re-run's other seed
+            c.spec, c.cfg = space.suggest(w.trial, epochs=ctx.opts.epochs, seed=seed,
                                           param_target=ctx.opts.objective == "pareto", max_params=ctx.opts.max_params,
-                                          num_classes=ctx.classes)
+                                          num_classes=ctx.classes, budget=ctx.opts.budget)
     except SpecError as exc:
         return Refusal(Outcome.REJECTED, f"invalid layout: {exc}", constraint=1)
     return None
 
 
 def gate_budget(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | None:
-    max_params = ctx.opts.max_params
-    verdict = check(c.spec, max_params)
-    _record_spec(ctx, w, c.spec, c.cfg, max_params)
-    if verdict.ok:
+    budget = ctx.opts.budget
+    verdict = check(c.spec, budget.limits["params"])
+    _record_spec(ctx, w, c.spec, c.cfg, budget)
+    over = list(verdict.reasons[:1]) + budget.over(c.spec)  # parameters (or a whole-map conv) first, then the rest
+    if not over:
         return None
-    over_budget = verdict.n_params >= max_params
-    if not over_budget:  # a conv over its whole map: fully connected; narrower widths would not change that
+    if not verdict.ok and verdict.n_params < budget.limits["params"]:
+        # a conv over its whole map: fully connected; narrower widths would not change that
         return Refusal(Outcome.REJECTED, verdict.reasons[0], constraint=1)
-    repaired = repair_spec(c.spec, max_params) if ctx.opts.repair else None
+    repaired = repair_spec(c.spec, budget) if ctx.opts.repair else None
     if repaired is None:
-        return Refusal(Outcome.REJECTED, verdict.reasons[0], constraint=w.get("constraint"))
-    w.set(repaired_from=c.spec.to_json(indent=None), repair_reason=verdict.reasons[0])
+        return Refusal(Outcome.REJECTED, "; ".join(over), constraint=w.get("constraint"))
+    w.set(repaired_from=c.spec.to_json(indent=None), repair_reason="; ".join(over))
     c.spec = repaired
-    _record_spec(ctx, w, c.spec, c.cfg, max_params)
+    _record_spec(ctx, w, c.spec, c.cfg, budget)
     return None
 
 
@@ -153,12 +157,14 @@ GATES = (gate_suggest, gate_budget, gate_receptive_field, gate_duplicate, gate_m
 
 # ---- recording --------------------------------------------------------------------------------------
 
-def _record_spec(ctx: TrialContext, w: TrialWriter, spec: NetSpec, cfg: TrainConfig, max_params: int) -> None:
-    analysis = analyze(spec)
+def _record_spec(ctx: TrialContext, w: TrialWriter, spec: NetSpec, cfg: TrainConfig, budget: Budget) -> None:
+    """The spec, its config and all four budget figures (search/budgets.py), before anything is trained."""
+    analysis, values = analyze(spec), figures(spec)
     engine = planned_engine(cfg, ctx.device, analysis.macs, len(ctx.data[1]))
     w.set(spec=spec.to_json(indent=None), config=cfg.to_dict(), n_params=analysis.n_params,
           receptive_field=analysis.receptive_field, macs=analysis.macs, key=spec_key(spec, cfg, engine),
-          constraint=float(analysis.n_params - max_params + 1))
+          activation_bytes=values["activation-bytes"], model_bytes=values["model-bytes"],
+          constraint=budget.constraint(values))
 
 
 def _refuse(ctx: TrialContext, w: TrialWriter, refusal: Refusal):
@@ -218,12 +224,11 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
     trial, opts, cfg = w.trial, ctx.opts, c.cfg
     pareto = opts.objective == "pareto"
     ctx.log(f"trial {trial.number}: training {c.n_params:,} params, RF {w.get('receptive_field')} px, "
-            f"{cfg.optimizer} lr {cfg.lr:.3g} {cfg.schedule} bs {cfg.batch_size}"
-            + (f", trial {source} shrunk to {trial.user_attrs.get('shrink')} of its parameters"
-               if (source := trial.user_attrs.get("shrunk_from")) is not None else "")
-            + f" [trained trial {count_trained(trial.study)} of {opts.trials}]")
+            f"{cfg.optimizer} lr {cfg.lr:.3g} {cfg.schedule} bs {cfg.batch_size}{_lineage(trial.user_attrs)}"
+            f" [trained trial {count_trained(trial.study)} of {opts.trials}]")
     so_far: list[dict] = []
     stop_reason: list[str] = []  # why the floor stop ended it (the default reason otherwise)
+    rerun_of = trial.user_attrs.get("rerun_of")  # an evolution re-run of a front member trains to the end
 
     def on_epoch(record) -> bool:
         so_far.append(asdict(record))
@@ -232,8 +237,8 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
         last = record.epoch >= cfg.epochs  # trained in full: it completes, whatever a pruner would say of it now
         if not pareto:
             trial.report(record.val_acc, record.epoch)
-            return not last and trial.should_prune()
-        if last or record.epoch not in ctx.pareto_rungs:
+            return not last and rerun_of is None and trial.should_prune()
+        if last or record.epoch not in ctx.pareto_rungs or rerun_of is not None:
             return False
         states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
         trials = trial.study.get_trials(deepcopy=False, states=states)
@@ -245,7 +250,8 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
                 return True
         return pareto_should_prune(trials, trial.number, c.n_params, record.epoch, record.val_acc,
                                    images_seen=record.epoch * len(ctx.data[1]),
-                                   descendant=trial.user_attrs.get("shrunk_from") is not None)
+                                   descendant=trial.user_attrs.get("shrunk_from", trial.user_attrs.get("parent"))
+                                   is not None)
 
     start = time.perf_counter()
     try:
@@ -272,14 +278,29 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
                 f"pruned after epoch {len(history.epochs)} at {history.final_val_acc:.2%}")
         raise optuna.TrialPruned(w.get("reason"))
     w.close(Outcome.COMPLETED, None)
-    return (history.final_val_acc, float(c.n_params)) if pareto else history.final_val_acc
+    return (history.final_val_acc, _size(opts, w, c)) if pareto else history.final_val_acc
+
+
+def _lineage(attrs: dict) -> str:
+    """Where an evolution step came from, for its training line ("" for a sampled trial or a preset)."""
+    if attrs.get("shrunk_from") is not None:
+        return f", trial {attrs['shrunk_from']} shrunk to {attrs.get('shrink')} of its parameters"
+    if attrs.get("parent") is not None:
+        return f", child of trial {attrs['parent']} ({attrs.get('mutation')})"
+    if attrs.get("rerun_of") is not None:
+        return f", trial {attrs['rerun_of']} again with seed {attrs.get('seed')}"
+    return ""
+
+
+def _size(opts: SearchOptions, w: TrialWriter, c: Candidate) -> float:
+    """A pareto search's second objective: the trained module's parameters, or the --size-metric figure stored."""
+    return float(c.n_params if opts.size_metric == "params" else w.get(ATTRS[opts.size_metric]))
 
 
 def _epoch_line(number: int, record, epochs: int) -> str:
     """A trial's progress after an epoch, also where no progress bar shows (a file, a pipe)."""
     left_s = record.seconds * (epochs - record.epoch)  # if the remaining epochs take as long as this one
-    return (f"trial {number}: epoch {record.epoch}/{epochs}, validation {record.val_acc:.2%}, {record.seconds:.1f} s"
-            + (f", about {left_s:.0f} s left" if record.epoch < epochs else ""))
+    return epoch_line(f"trial {number}", record.epoch, epochs, "validation", record.val_acc, record.seconds, left_s)
 
 
 # ---- helpers of the gates ---------------------------------------------------------------------------
@@ -290,8 +311,12 @@ def spec_key(spec: NetSpec, cfg: TrainConfig, engine: dict) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def repair_spec(spec: NetSpec, max_params: int) -> NetSpec | None:
+def repair_spec(spec: NetSpec, budget: Budget | int) -> NetSpec | None:
     """Shrink the widths until the network fits the budget: the largest widths of 1 or more, none above the spec's
-    own, with fewer than `max_params` parameters (search/widths.py); None if even widths of 1 do not fit."""
-    fitted = fit_widths(spec, max_params - 1, step=1, narrowest=1, shrink_only=True)
-    return fitted if check(fitted, max_params).ok else None
+    own, with every figure under its bound (a bare int: the parameter budget; search/widths.py); None if even
+    widths of 1 do not fit."""
+    budget = Budget({"params": budget}) if isinstance(budget, int) else budget
+    max_params = budget.limits["params"]
+    fitted = fit_widths(spec, max_params - 1, step=1, narrowest=1, shrink_only=True,
+                        fits=None if budget.only_params else budget.fits)
+    return fitted if check(fitted, max_params).ok and budget.fits(fitted) else None

@@ -12,7 +12,8 @@ from models.rules import RULES
 from search.data import DEFAULT_ROOT, ENV_VAR, FILES, KNOWN, N_VAL, SIDE
 from search.descent import SHRINK
 from search.engine.config import DEVICES, OPTIMIZERS, SCHEDULES, TrainConfig
-from search.options import FLOOR_BELOW_TARGET, OBJECTIVES, SAMPLERS, SearchOptions, default_floor
+from search.budgets import METRICS
+from search.options import FLOOR_BELOW_TARGET, MAX_FIGURE, OBJECTIVES, SAMPLERS, SearchOptions, default_floor
 from search.pruning import PRUNERS, rungs
 from search.retrain import certify
 
@@ -58,6 +59,7 @@ BOUNDS = {
     "seeds": Bound(1, MAX_SEEDS),
     "certify_epochs": Bound(1, MAX_CERTIFY_EPOCHS),
     "batch_size": Bound(1, TRAIN_IMAGES),
+    "max_figure": Bound(1, MAX_FIGURE),  # --max-macs, --max-activation-bytes, --max-model-bytes
 }
 
 
@@ -67,6 +69,7 @@ def choices(name: str, values: tuple[str, ...]) -> type[Enum]:
 
 
 Objective = choices("Objective", OBJECTIVES)
+SizeMetric = choices("SizeMetric", METRICS)
 SamplerName = choices("SamplerName", SAMPLERS)
 PrunerName = choices("PrunerName", PRUNERS)
 DeviceName = choices("DeviceName", DEVICES)

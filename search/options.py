@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models.rules import RULES
+from search.budgets import METRICS, Budget
 from search.data import DATASETS, KNOWN, N_VAL, SPLIT_SEED
 from search.pruning import PRUNERS
 from search.storage import HEARTBEAT, SearchError, check_study_name, storage_url, this_worker
@@ -13,6 +14,7 @@ SAMPLERS = ("tpe", "random", "nsga2")
 # Bounds on numbers that would otherwise be accepted and fail much later (or never end): far above real use.
 MAX_TRIALS = 100_000
 MAX_BUDGET = 10_000_000  # parameters; the space's largest network has about 200,000
+MAX_FIGURE = 10**12  # MACs or bytes: far above the space's largest network (some 10**7 MACs per image)
 MAX_SEED = 2**31 - 1  # what numpy and torch seeds take
 OBJECTIVES = ("accuracy", "pareto")
 # fraction: a pareto search's default floor lies this far under the target (99.0% for MNIST's 99.4%), the default
@@ -35,6 +37,11 @@ class SearchOptions:
     results_dir: str = "results"
     epochs: int = RULES.max_epochs
     max_params: int = RULES.max_params
+    # Further bounds, each exclusive like --max-params (None: unbounded); figures as search/budgets.py counts them.
+    max_macs: int | None = None  # multiply-accumulates per image
+    max_activation_bytes: int | None = None  # peak activation memory, int8 bytes, batch 1
+    max_model_bytes: int | None = None  # int8 weights, int32 biases and float32 scales, bytes
+    size_metric: str = "params"  # pareto: the figure minimised beside accuracy, one of search.budgets.METRICS
     objective: str = "accuracy"
     sampler: str = "tpe"
     pruner: str = "sha"
@@ -72,6 +79,7 @@ class SearchOptions:
             bad("max_params", f"must be from 1 to {MAX_BUDGET:,}")
         if self.objective not in OBJECTIVES:
             bad("objective", f"must be one of {', '.join(OBJECTIVES)}")
+        self._check_budget(bad)
         if self.sampler not in SAMPLERS:
             bad("sampler", f"must be one of {', '.join(SAMPLERS)}")
         if self.pruner not in PRUNERS:
@@ -96,8 +104,28 @@ class SearchOptions:
             bad("floor", "must be a percentage above 0 and at most 100")
         if self.floor is not None and self.objective != "pareto":
             bad("floor", "applies to --objective pareto only (the accuracy search prunes with Optuna's pruners)")
+        if self.pruner == "envelope" and self.objective == "pareto":
+            bad("pruner", "envelope applies to --objective accuracy only (a pareto search prunes by size, with --floor)")
         if self.floor is None and self.objective == "pareto" and self.target is not None:
             self.floor = default_floor(self.target)
+
+    def _check_budget(self, bad) -> None:
+        for name in ("max_macs", "max_activation_bytes", "max_model_bytes"):
+            if getattr(self, name) is not None and not 1 <= getattr(self, name) <= MAX_FIGURE:
+                bad(name, f"must be from 1 to {MAX_FIGURE:,}")
+        if self.size_metric not in METRICS:
+            bad("size_metric", f"must be one of {', '.join(METRICS)}")
+        if self.size_metric != "params" and self.objective != "pareto":
+            bad("size_metric", "applies to --objective pareto only (the accuracy search has no size objective)")
+        if self.size_metric not in self.budget.limits:  # its targets are drawn up to the bound
+            bad("size_metric", f"needs --max-{self.size_metric}, the bound its size targets are drawn up to")
+
+    @property
+    def budget(self) -> Budget:
+        """The bounds given (parameters always) and the pareto size metric."""
+        given = {"params": self.max_params, "macs": self.max_macs, "activation-bytes": self.max_activation_bytes,
+                 "model-bytes": self.max_model_bytes}
+        return Budget({m: v for m, v in given.items() if v is not None}, self.size_metric, self.min_rf)
 
     @property
     def descent_levels(self) -> list[float]:
@@ -117,4 +145,6 @@ class SearchOptions:
     def setup(self) -> dict:
         """What makes two runs comparable: a study refuses to be continued with a different set-up."""
         return {"max_params": self.max_params, "objective": self.objective, "epochs": self.epochs,
-                "subset": self.subset, "split": f"{50_000}/{N_VAL} seed {SPLIT_SEED}"}
+                "subset": self.subset, "split": f"{50_000}/{N_VAL} seed {SPLIT_SEED}",
+                "max_macs": self.max_macs, "max_activation_bytes": self.max_activation_bytes,
+                "max_model_bytes": self.max_model_bytes, "size_metric": self.size_metric}

@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
+from search.choose import seed_spread
 from search.record import TrialRecord
 
-PRUNERS = ("sha", "hyperband", "median", "none")
+PRUNERS = ("sha", "hyperband", "median", "envelope", "none")
 RUNG_FACTOR = 3  # successive halving: rungs at epochs 1, 3, 9; a third of the trials at a rung go on to the next
 # A pareto trial still under NOT_LEARNING validation accuracy (fraction; five times chance on 10 classes) at a rung
 # after NOT_LEARNING_IMAGES training images (an epoch of the full split) stops, rivals or not: it has not started to
@@ -37,6 +38,8 @@ def make_pruner(name: str, objective: str, epochs: int) -> optuna.pruners.BasePr
     """Optuna's pruner for an accuracy study. Pareto studies prune through `pareto_should_prune` instead."""
     if name == "none" or objective == "pareto":  # Optuna prunes single-objective studies only
         return optuna.pruners.NopPruner()
+    if name == "envelope":
+        return EnvelopePruner(epochs)
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
     if name == "sha":  # the most aggressive of hyperband's brackets, alone: every trial is judged at epoch 1
@@ -77,6 +80,13 @@ def pareto_should_prune(trials: list[FrozenTrial], number: int, n_params: int, e
     return val_acc < rivals[keep - 1]
 
 
+def later_gains(trials: list[FrozenTrial], number: int, epoch: int, epochs: int, level: float) -> list[float]:
+    """The gains, from the best validation accuracy by `epoch` to the final one, of the study's completed
+    full-length trials (other than `number`) that ended at or above `level`: the curves' own envelope."""
+    return [r.values[0] - max(e["val_acc"] for e in r.history[:epoch]) for r in map(TrialRecord, trials)
+            if r.number != number and r.is_candidate and r.values[0] >= level and len(r.history) >= epochs > epoch]
+
+
 def floor_stop_reason(trials: list[FrozenTrial], number: int, epoch: int, best_so_far: float, floor: float,
                       epochs: int) -> str | None:
     """Why a pareto trial at `epoch` (best validation accuracy `best_so_far`) should stop because it cannot reach
@@ -84,8 +94,7 @@ def floor_stop_reason(trials: list[FrozenTrial], number: int, epoch: int, best_s
     of the completed full-length trials that ended at or above the floor."""
     if epoch < FLOOR_FROM_EPOCH:
         return None
-    gains = [r.values[0] - max(e["val_acc"] for e in r.history[:epoch]) for r in map(TrialRecord, trials)
-             if r.number != number and r.is_candidate and r.values[0] >= floor and len(r.history) >= epochs > epoch]
+    gains = later_gains(trials, number, epoch, epochs, floor)
     if len(gains) < FLOOR_REFERENCES:
         return None
     reach = best_so_far + max(gains) + FLOOR_MARGIN
@@ -94,3 +103,39 @@ def floor_stop_reason(trials: list[FrozenTrial], number: int, epoch: int, best_s
     return (f"stopped after epoch {epoch} at {best_so_far:.2%}: cannot reach the {floor:.2%} floor (--floor) with "
             f"the largest gain after epoch {epoch} of {len(gains)} trials that did, {max(gains) * 100:+.2f} points, "
             f"and {FLOOR_MARGIN * 100:.1f} more")
+
+
+def envelope_stop_reason(trials: list[FrozenTrial], number: int, epoch: int, best_so_far: float,
+                         epochs: int) -> str | None:
+    """Why an accuracy trial at `epoch` should stop, or None: its best validation accuracy so far, plus the largest
+    gain after `epoch` among the study's completed full-length trials, plus FLOOR_MARGIN, stays under the bar, the
+    best completed trial's final accuracy less the seed spread (search/choose.py): it cannot join the nets the
+    winner is chosen from. Judged at every rung, epoch 1 included: there only a net that cannot catch up by the
+    completed trials' own curves stops, however the good nets rank there. Needs FLOOR_REFERENCES completed trials."""
+    done = [r for r in map(TrialRecord, trials) if r.number != number and r.is_candidate]
+    gains = later_gains(trials, number, epoch, epochs, level=-math.inf)
+    if len(gains) < FLOOR_REFERENCES:
+        return None
+    spread = seed_spread(done)[0]
+    bar = max(r.values[0] for r in done) - spread
+    if best_so_far + max(gains) + FLOOR_MARGIN >= bar:
+        return None
+    return (f"stopped after epoch {epoch} at {best_so_far:.2%}: cannot come within {spread * 100:.2g} points of the "
+            f"best ({bar + spread:.2%}) with the largest gain after epoch {epoch} of {len(gains)} completed trials, "
+            f"{max(gains) * 100:+.2f} points, and {FLOOR_MARGIN * 100:.1f} more")
+
+
+class EnvelopePruner(optuna.pruners.BasePruner):
+    """`--pruner envelope`: `envelope_stop_reason` at the rungs (epochs 1, 3, 9 below the last), for accuracy
+    studies. The reason is the objective's default one ("pruned after epoch N at X%")."""
+
+    def __init__(self, epochs: int):
+        self.epochs, self.rungs = epochs, set(rungs(epochs))
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        epoch = trial.last_step
+        if epoch is None or epoch not in self.rungs:
+            return False
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        best_so_far = max(trial.intermediate_values.values())
+        return envelope_stop_reason(done, trial.number, epoch, best_so_far, self.epochs) is not None

@@ -74,6 +74,8 @@ class TrialRecord:
     n_params = property(lambda self: self.attrs.get("n_params"))
     receptive_field = property(lambda self: self.attrs.get("receptive_field"))
     macs = property(lambda self: self.attrs.get("macs"))
+    activation_bytes = property(lambda self: self.attrs.get("activation_bytes"))  # peak, int8, batch 1
+    model_bytes = property(lambda self: self.attrs.get("model_bytes"))  # int8 tensor payload
     key = property(lambda self: self.attrs.get("key"))  # spec and training config, hashed: what makes a duplicate
     preset = property(lambda self: self.attrs.get("preset", ""))
     duplicate_of = property(lambda self: self.attrs.get("duplicate_of"))
@@ -94,6 +96,10 @@ class TrialRecord:
             return f"preset {self.preset}"
         if self.shrunk_from is not None:
             return f"trial {self.shrunk_from} shrunk to {self.attrs.get('shrink')}"
+        if self.attrs.get("parent") is not None:  # an evolution child (search/evolution.py)
+            return f"trial {self.attrs['parent']}, {self.attrs.get('mutation')}"
+        if self.attrs.get("rerun_of") is not None:
+            return f"trial {self.attrs['rerun_of']} re-run with seed {self.attrs.get('seed')}"
         if self.retry_of is not None:
             return f"retry of trial {self.retry_of}"
         return "sampler"
@@ -247,7 +253,8 @@ def trial_frame(study: optuna.Study):
         reason = r.reason + (f"; queued again as trial {retried_as[r.number]}" if r.number in retried_as else "")
         rows.append({
             "number": r.number, "state": r.state.name, "outcome": r.outcome.value, "reason": reason,
-            "n_params": r.n_params, "receptive_field": r.receptive_field, "macs": r.macs, "val_acc": r.val_acc,
+            "n_params": r.n_params, "receptive_field": r.receptive_field, "macs": r.macs,
+            "activation_bytes": r.activation_bytes, "model_bytes": r.model_bytes, "val_acc": r.val_acc,
             "epochs_trained": r.epochs_trained, "wall_s": r.wall_s, "device": r.device, "precision": r.precision,
             "shards": r.shards, "preset": r.preset, "duplicate_of": r.duplicate_of,
             "shrunk_from": r.shrunk_from, "origin": r.origin,

@@ -2,7 +2,8 @@
 
 Two steps, as in Optuna's own plots: `collect(study, best)` turns storage into plain data (`ReportData`,
 search/report_data.py), tested on its own; `render(data, study)` turns that data into figures
-(search/report_figures.py) and this module's HTML: the header and its cards, the sections, the sortable trials table.
+(search/report_figures.py, search/report_optuna.py) and this module's HTML: the header and its cards, the sections,
+the sortable trials table.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from models.rules import RULES
 from search.fsio import atomic_write_text
 from search.report_data import ReportData, collect
 from search.report_figures import (FigureFailed, fig_certification, fig_layout, fig_learning_curves,
-                                   fig_parameter_spread, fig_params_vs_accuracy, optuna_figures, seeds_text)
+                                   fig_parameter_spread, fig_params_vs_accuracy, seeds_text)
+from search.report_optuna import optuna_figures
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }
@@ -49,6 +51,8 @@ document.querySelectorAll('table.sortable th').forEach((th, col) => th.addEventL
 TRIAL_COLUMNS = {"trial": ("number", "{:,.0f}"), "from": ("origin", None), "outcome": ("outcome", None),
                  "validation accuracy (%)": ("val_acc", "{:.2f}"), "parameters": ("n_params", "{:,.0f}"),
                  "receptive field (px)": ("receptive_field", "{:,.0f}"), "MACs per image": ("macs", "{:,.0f}"),
+                 "peak activation (int8 bytes)": ("activation_bytes", "{:,.0f}"),
+                 "int8 model (bytes)": ("model_bytes", "{:,.0f}"),
                  "epochs trained": ("epochs_trained", "{:,.0f}"), "seconds": ("wall_s", "{:,.1f}"),
                  "reason": ("reason", None)}
 
@@ -108,7 +112,8 @@ class _Page:
             self.parts.append(f'<section id="{fig_id}"><h2>{html.escape(title)}</h2><p class="{kind}">'
                               f'{html.escape(text)}</p></section>')
             return
-        fig.update_layout(template="plotly_white", margin={"t": 30}, title_text="")  # the h2 above is the title
+        # The h2 above is the title; a figure that needs more top margin (axis labels above the plot) keeps its own.
+        fig.update_layout(template="plotly_white", margin={"t": max(30, fig.layout.margin.t or 0)}, title_text="")
         div = fig.to_html(full_html=False, include_plotlyjs=not self.plotly_included, div_id=fig_id,
                           config={"displaylogo": False})
         self.plotly_included = True

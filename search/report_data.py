@@ -34,8 +34,25 @@ class ReportData:
     dataset: str = "mnist"
 
 
+def with_last_accuracy(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with each trained trial's empty `val_acc` taken from the last epoch of its stored history. A pareto
+    search prunes by its own rule and reports no intermediate value to Optuna (a multi-objective study takes none),
+    so its pruned trials have no value: their accuracy when stopped is in the history alone."""
+    def last(history: str) -> float:
+        epochs = json.loads(history) if isinstance(history, str) and history else []
+        return epochs[-1]["val_acc"] if epochs and epochs[-1].get("val_acc") is not None else float("nan")
+
+    frame = frame.copy()
+    empty = frame["val_acc"].isna() & frame["outcome"].isin([o.value for o in TRAINED])
+    if empty.any():
+        frame.loc[empty, "val_acc"] = frame.loc[empty, "history"].map(last).astype(float)
+    return frame
+
+
 def collect(study: optuna.Study, certification: dict | None = None, front: dict | None = None) -> ReportData:
     frame = trial_frame(study)
+    if len(frame):
+        frame = with_last_accuracy(frame)
     counts = outcome_counts(study)
     setup = study.user_attrs.get("setup", {})
     done = candidates(study)

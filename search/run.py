@@ -75,3 +75,15 @@ def search_command(opts: SearchOptions, log: Callable[[str], None] = print,
 def unfinished(result: SearchResult) -> str | None:
     """Why a finished search is a failure (exit 1): it stopped early, or nothing trained well; None when neither."""
     return result.stop_reason or nothing_trained_well(result.study)
+
+
+def summary_line(study: str, trained: int, counts: dict[str, int], wall_s: float) -> str:
+    """The line that ends a search: the trained total and its parts, which add up to it. A trial another worker is
+    still training holds one of the --trials slots, so it is in the total and named as a part of it (a worker that
+    finishes while another trains would otherwise show "8 trained, 7 completed, 0 pruned")."""
+    parts = [f"{counts.get(outcome, 0)} {outcome}" for outcome in ("completed", "pruned", "failed")]
+    running = counts.get("training", 0)
+    if running:
+        parts.append(f"{running} still training in {'another worker' if running == 1 else 'other workers'}")
+    return (f"study {study}: {trained} trained ({', '.join(parts)}), {counts.get('rejected', 0)} rejected; "
+            f"{wall_s:.0f} s this run")

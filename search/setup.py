@@ -8,6 +8,10 @@ import optuna
 from search.errors import SearchError
 
 
+# What a study made before --max-macs, --max-activation-bytes, --max-model-bytes and --size-metric searched under.
+BEFORE_BUDGETS = {"max_macs": None, "max_activation_bytes": None, "max_model_bytes": None, "size_metric": "params"}
+
+
 def check_setup(storage, study_name: str, setup: dict) -> None:
     """Refuse to continue a stored study with a set-up (budget, objective, epochs, ...) other than its own."""
     if study_name not in optuna.get_all_study_names(storage):
@@ -16,6 +20,8 @@ def check_setup(storage, study_name: str, setup: dict) -> None:
     if stored is not None and "dataset" not in stored:  # made before --dataset existed: it is an MNIST study
         stored = {**stored, "dataset": {"name": "mnist"}}
         setup = {**setup, "dataset": {"name": setup.get("dataset", {}).get("name", "mnist")}}
+    if stored is not None and "size_metric" not in stored:  # made before these budgets: parameters alone
+        stored = {**BEFORE_BUDGETS, **stored}
     # Keys a study stored: an older study, made before a key was added, is compared on the keys it has.
     changed = {k: v for k, v in setup.items() if k in (stored or {}) and stored[k] != v}
     if not changed:

@@ -102,15 +102,36 @@ def describe_storage(url: str) -> str:
     return f"{url} (the file {path.resolve()})" if path is not None else url
 
 
-STORAGE_MARKER = ".storage"  # in each study's results folder: the storage URL whose study owns the folder
+STORAGE_MARKER = ".storage"  # in each study's results folder: the storage whose study owns the folder
+# What the marker holds for the default database, <results>/<study>.db: its place relative to the study's folder, so
+# a results folder copied or moved elsewhere is owned by its own database there. Any other storage is written as
+# its URL (an SQLite file as an absolute path).
+RELATIVE = "relative:"  # then a path from the study's folder
 
 
-def _owner(results_dir: str, study: str, url: str) -> tuple[Path, str, str | None]:
-    folder = Path(results_dir) / study
+def _marker_text(results_dir: str, study: str, url: str) -> str:
+    """What the marker says for `url`: for the default database (or a URL naming its file), RELATIVE and its path
+    from the study's folder; else the URL, an SQLite file's made absolute."""
     db = sqlite_file(url)
-    url = f"sqlite:///{db.resolve()}" if db is not None else url
-    marker = folder / STORAGE_MARKER
-    return marker, url, marker.read_text().strip() if marker.is_file() else None
+    if db is None:
+        return url
+    if db.resolve() == (Path(results_dir) / f"{study}.db").resolve():
+        return f"{RELATIVE}../{study}.db"
+    return f"sqlite:///{db.resolve()}"
+
+
+def _legacy_default(marker: Path, owner: str, study: str, text: str) -> bool:
+    """An absolute marker of earlier versions that named the default database of the folder's old place (a file
+    <study>.db, wherever it was), read where the folder's own default database is in use and exists."""
+    old = sqlite_file(owner)
+    own = marker.parent.parent / f"{study}.db"
+    return (text.startswith(RELATIVE) and old is not None and old.name == f"{study}.db"
+            and (own.is_file() or old.resolve() == own.resolve()))
+
+
+def _named(folder: Path, text: str) -> str:
+    """A marker's text as people read it: the file for the default database, else the URL."""
+    return str((folder / text[len(RELATIVE):]).resolve()) if text.startswith(RELATIVE) else text
 
 
 def check_results_folder(results_dir: str, study: str, url: str) -> None:
@@ -121,18 +142,22 @@ def check_results_folder(results_dir: str, study: str, url: str) -> None:
     db = sqlite_file(url)
     if db is not None:
         check_writable(db)
-    marker, url, owner = _owner(results_dir, study, url)
-    if owner is not None and owner != url:
-        raise SearchError(f"{marker.parent} holds the files of study {study!r} in {owner}, not {url}; give another "
-                          "--results-dir (or --study) for this one")
+    marker = Path(results_dir) / study / STORAGE_MARKER
+    owner, text = marker.read_text().strip() if marker.is_file() else None, _marker_text(results_dir, study, url)
+    if owner is None or owner == text or _legacy_default(marker, owner, study, text):
+        return
+    raise SearchError(f"{marker.parent} holds the files of study {study!r} in {_named(marker.parent, owner)}, not "
+                      f"{_named(marker.parent, text)}; give another --results-dir (or --study) for this one")
 
 
 def claim_results_folder(results_dir: str, study: str, url: str) -> None:
-    """Mark the study's results folder as this storage's (once the study is open)."""
+    """Mark the study's results folder as this storage's (once the study is open); an earlier version's absolute
+    marker of the default database is rewritten relative to the folder."""
     check_results_folder(results_dir, study, url)
-    marker, url, owner = _owner(results_dir, study, url)
-    if owner is None:
-        atomic_write_text(marker, url + "\n")
+    marker = Path(results_dir) / study / STORAGE_MARKER
+    text = _marker_text(results_dir, study, url)
+    if not marker.is_file() or marker.read_text().strip() != text:
+        atomic_write_text(marker, text + "\n")
 
 
 def study_names(storage) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,11 +20,13 @@ from typing import Callable
 import optuna
 from optuna.trial import FrozenTrial
 
-from models.budget import count_params
+from models.budget import check, count_params
 from models.presets import PRESETS
+from models.spec import NetSpec
 from search import space
 from search.data import load_data
 from search.descent import next_descent
+from search.evolution import next_step
 from search.engine import TrainConfig, resolve_device, to_device
 from search.engine.runtime import set_cpu_threads, signals_ignored, stop_point, use_bf16
 from search.errors import SearchError
@@ -59,11 +62,9 @@ def open_study(opts: SearchOptions, data_record: dict | None = None) -> RetriesF
     (Data.record()), part of the set-up; loaded here when not given."""
     if data_record is None:
         data_record = load_data(opts.data_dir, dataset=opts.dataset).record()
-    smallest = space.smallest_params(opts.min_rf)
-    if opts.max_params <= smallest:  # every candidate would be refused, after --max-rejections of them
-        raise SearchError(f"--max-params={opts.max_params:,}: the smallest network of the search space with a receptive "
-                          f"field of at least {opts.min_rf} px (--min-rf) has {smallest:,} parameters; give a budget "
-                          f"above {smallest:,}")
+    unmeetable = space.unmeetable_bound(opts.budget)
+    if unmeetable:  # every candidate would be refused, after --max-rejections of them
+        raise SearchError(unmeetable)
     storage = open_storage(opts.storage_url, opts.heartbeat)
     # The precision the engine trains in here joins the set-up: bf16 and fp32 results are not comparable.
     setup = {**opts.with_data(data_record),
@@ -81,14 +82,34 @@ def open_study(opts: SearchOptions, data_record: dict | None = None) -> RetriesF
         study.set_user_attr("provenance", provenance())
         study.set_user_attr("target", opts.target)  # None: no target line in the report
         if opts.warm_start:
-            presets = PRESETS.items()
-            if opts.objective == "pareto":  # smallest first: each bigger preset then meets its smaller rivals at the rungs
-                presets = sorted(presets, key=lambda item: count_params(item[1]))
-            for name, spec in presets:
+            for name, spec in presets_to_queue(opts):
                 cfg = TrainConfig(epochs=opts.epochs, seed=opts.seed)
-                params = space.encode(spec, cfg, param_target=opts.objective == "pareto")
+                params = space.encode(spec, cfg, param_target=opts.objective == "pareto", size_metric=opts.size_metric)
                 study.enqueue_trial(params, user_attrs={"preset": name}, skip_if_exists=True)
     return study
+
+
+def presets_to_queue(opts: SearchOptions) -> list[tuple[str, NetSpec]]:
+    """The presets a new study queues first, in order, until half of --trials (rounded down, at least one) would
+    train: the other half is left to the search's own candidates, so that every search explores. A preset the gates
+    refuse untrained (at or over --max-params without --repair, a receptive field under --min-rf) takes no slot; it
+    is queued where it falls, and stored as rejected.
+
+    Order: a pareto search smallest first, so that each bigger preset meets its smaller rivals at the rungs; an
+    accuracy search largest first, since among the presets accuracy grows with size (baseline 99.57%, threeblock
+    99.54%, compact 99.44%, micro 99.42% validation in 20 epochs, docs/search.md): the half kept is the likeliest
+    winners', and the first trials set a high bar at the pruning rungs for the sampled ones."""
+    smallest_first = opts.objective == "pareto"
+    ordered = sorted(PRESETS.items(), key=lambda item: count_params(item[1]) * (1 if smallest_first else -1))
+    slots, queued = max(1, opts.trials // 2), []
+    for name, spec in ordered:
+        if slots == 0:
+            break
+        verdict = check(spec, opts.max_params)
+        fits = verdict.ok and opts.budget.fits(spec)  # every bound: parameters, MACs, int8 bytes
+        slots -= (fits or opts.repair) and verdict.receptive_field >= opts.min_rf
+        queued.append((name, spec))
+    return queued
 
 
 @dataclass
@@ -132,7 +153,7 @@ logging.getLogger("optuna.study._optimize").addFilter(_QUIET)  # the logger that
 
 class Bookkeeping:
     """What `run_search` does after each trial: the caller's `on_trial_end`, a stop asked for meanwhile, the stop
-    at --trials trained trials, and the next front descendant. It reads only the trials that changed since the
+    at --trials trained trials, and the next evolution step or front descendant. It reads only the trials that changed since the
     last trial (search/tally.py), so its cost does not grow with the study; trials.csv is written when the search
     ends or is stopped, not here."""
 
@@ -147,10 +168,18 @@ class Bookkeeping:
         stop_point()  # Ctrl-C or SIGTERM during the trial's last moments: stop before the next one
         if self.tally.refresh().trained() >= self.opts.trials:
             study.stop()
-        elif self.opts.descent_levels:
-            step = next_descent(self.tally.descent_records(), self.opts.descent_levels)
-            if step is not None:
-                study.enqueue_trial(step[0], user_attrs=step[1], skip_if_exists=True)
+        elif self.opts.descend:
+            self.queue_step(study, trial)
+
+    def queue_step(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """The next evolution step (search/evolution.py), in a pareto search in turns with front descent's."""
+        levels = self.opts.descent_levels
+        descend = (lambda: next_descent(self.tally.descent_records(), levels)) if levels else None
+        rng = random.Random(f"{self.opts.seed}:{trial.number}")  # the same study state, the same step
+        step = next_step(self.tally.evolution_records(), self.opts.objective == "pareto", levels, self.opts.seed,
+                         self.opts.max_params, rng, descend)
+        if step is not None:
+            study.enqueue_trial(step[0], user_attrs=step[1], skip_if_exists=True)
 
 
 def run_search(opts: SearchOptions, log: Callable[[str], None] = print, progress: bool | None = None,

@@ -33,6 +33,7 @@ class StudyTally:
         self._trained = 0  # finished trials that used a training slot
         self._best: TrialRecord | None = None
         self._descent = _DescentInputs()
+        self._evolution: dict[int, TrialRecord] = {}  # finished candidates and evolution steps (search/evolution.py)
 
     def refresh(self) -> StudyTally:
         """Read the trials that are new or were not finished at the last look, and take them in."""
@@ -56,6 +57,8 @@ class StudyTally:
             return
         self._finished.add(r.number)
         self._descent.take(r)
+        if r.is_candidate or _is_step(r):
+            self._evolution[r.number] = r
         self._counts[r.outcome.value] = self._counts.get(r.outcome.value, 0) + 1
         self._trained += r.is_trained
         if r.is_candidate and (self._best is None or (r.rank(), -r.number) > (self._best.rank(), -self._best.number)):
@@ -83,6 +86,21 @@ class StudyTally:
         for every trial of the study (tests/test_storage.py holds the two equal)."""
         with self._lock:
             return self._descent.records([r for r in self._open.values() if r.shrunk_from is not None])
+
+    def evolution_records(self) -> list[TrialRecord]:
+        """The records `evolution.next_step` reads, in number order: every finished candidate and evolution step,
+        the steps waiting or training, and the trained trial completed last."""
+        with self._lock:
+            chosen = {**self._evolution, **{r.number: r for r in self._open.values() if _is_step(r)}}
+            if self._descent.latest is not None:
+                chosen[self._descent.latest.number] = self._descent.latest
+            return [chosen[n] for n in sorted(chosen)]
+
+
+def _is_step(r: TrialRecord) -> bool:
+    """Queued by the evolution or front descent (search/evolution.py's STEP_ATTRS; not imported: the tally stays
+    free of the search space)."""
+    return any(r.attrs.get(k) is not None for k in ("parent", "rerun_of", "shrunk_from"))
 
 
 class _DescentInputs:

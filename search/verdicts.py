@@ -22,8 +22,10 @@ def judge_rules(module: torch.nn.Module | None, spec: NetSpec | None, epochs: in
         verdicts.append(check_module(module, max_params=max_params,
                                      num_classes=spec.num_classes if spec is not None else classes))
     n_params = max(v.n_params for v in verdicts)
-    reasons = list(dict.fromkeys(r for v in verdicts for r in v.reasons))
-    fully_connected = [r for r in reasons if "fully connected" in r]
+    # A spec's whole-map conv is seen twice, on the spec and on the module it builds, in other words: said once, in
+    # the spec's words (its layer names); the module's only where the spec's check sees nothing fully connected.
+    per_verdict = [[r for r in v.reasons if "fully connected" in r] for v in verdicts]
+    fully_connected = next((found for found in per_verdict if found), [])
     other = [r for r in (verdicts[-1].reasons if module is not None else ())
              if "fully connected" not in r and "budget" not in r]
     rows = [

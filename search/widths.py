@@ -40,31 +40,37 @@ def with_widths(spec: NetSpec, new: Sequence[int]) -> NetSpec:
 
 
 def fit_widths(spec: NetSpec, target: int, step: int = GRID_STEP, narrowest: int = NARROWEST,
-               shrink_only: bool = False) -> NetSpec:
+               shrink_only: bool = False, figure: Callable[[NetSpec], int] = count_params,
+               fits: Callable[[NetSpec], bool] | None = None) -> NetSpec:
     """The largest widths on the grid (multiples of `step`, at least `narrowest`) whose network has at most `target`
     parameters: every width scaled by one factor, found by bisection (parameters grow with it), then single layers
     widened by a step, first to last and again, while the count stays within `target` (one uniform step of 2 on
     widths of 4 to 8 moves the count by up to a third, which this gives back). A spec of exactly `target`
-    parameters comes back as it is; when even the narrowest network is over, the narrowest. `shrink_only`: no
-    width ends above the spec's own (a spec within `target` comes back as it is)."""
-    n_params = count_params(spec)
-    if n_params == target or (shrink_only and n_params < target):
+    parameters comes back as it is (even one outside `fits`: the caller's gates refuse it); when even the
+    narrowest network is over, the narrowest. `shrink_only`: no width ends above the spec's own (a spec within
+    `target` comes back as it is).
+    `figure`: what `target` bounds instead of parameters (MACs, int8 bytes: search/budgets.py; each grows with the
+    widths); `fits`: a further condition every fitted spec must meet (the search's other bounds, all at once)."""
+    def within(candidate: NetSpec) -> bool:
+        return figure(candidate) <= target and (fits is None or fits(candidate))
+
+    if figure(spec) == target or (shrink_only and within(spec)):  # an enqueued spec, or one that fits already
         return spec
 
     def scaled(factor: float) -> NetSpec:
         return map_widths(spec, lambda c: max(narrowest, step * round(c * factor / step)))
 
     low, high = 0.0, 1.0
-    while count_params(scaled(high)) <= target and high < _MAX_FACTOR:
+    while within(scaled(high)) and high < _MAX_FACTOR:
         low, high = high, high * 2
     for _ in range(_BISECTIONS):
         mid = (low + high) / 2
-        low, high = (mid, high) if count_params(scaled(mid)) <= target else (low, mid)
-    return _filled(scaled(low), target, step, widths(spec) if shrink_only else None)
+        low, high = (mid, high) if within(scaled(mid)) else (low, mid)
+    return _filled(scaled(low), within, step, widths(spec) if shrink_only else None)
 
 
-def _filled(spec: NetSpec, target: int, step: int, widest: list[int] | None) -> NetSpec:
-    """Widen single layers by `step`, first to last and again, while the count stays within `target` (and each
+def _filled(spec: NetSpec, within: Callable[[NetSpec], bool], step: int, widest: list[int] | None) -> NetSpec:
+    """Widen single layers by `step`, first to last and again, while the spec stays `within` its target (and each
     width within `widest`, where given)."""
     current = widths(spec)
     grew = True
@@ -74,6 +80,6 @@ def _filled(spec: NetSpec, target: int, step: int, widest: list[int] | None) -> 
             if widest is not None and current[i] + step > widest[i]:
                 continue
             wider = current[:i] + [current[i] + step] + current[i + 1:]
-            if count_params(with_widths(spec, wider)) <= target:
+            if within(with_widths(spec, wider)):
                 current, grew = wider, True
     return with_widths(spec, current)

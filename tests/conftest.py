@@ -1,6 +1,6 @@
-"""Shared fixtures: the MNIST data root (../shared/datasets unless BUDGETNAS_DATA says otherwise)."""
+"""Shared fixtures: the MNIST data root, found by the CLI's rule (search/data.py: $BUDGETNAS_DATA, else ./data or
+../shared/datasets)."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -8,7 +8,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DATA_ROOT = Path(os.environ.get("BUDGETNAS_DATA") or ROOT.parent / "shared" / "datasets")
+from search.data import resolve_root  # noqa: E402  (after the path above)
+
+DATA_ROOT = resolve_root()
 
 
 @pytest.fixture(autouse=True)

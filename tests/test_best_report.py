@@ -113,9 +113,16 @@ def test_report_data_and_page(tiny_study):
     trained = [r for r in rows if r["outcome"] in ("completed", "pruned")]
     assert len(trained) == 2 and all("." not in r["parameters"] and "." not in r["epochs trained"] for r in trained)
     assert all(len(r["validation accuracy (%)"].split(".")[1]) == 2 for r in trained)
-    # Where each candidate came from: the enqueued presets by name, the rest from the sampler.
-    assert [r["from"] for r in rows] == [f"preset {t.user_attrs['preset']}" if "preset" in t.user_attrs else "sampler"
-                                         for t in study.get_trials()]
+    # Where each candidate came from: the enqueued presets by name, evolution children by parent and change, the
+    # rest from the sampler.
+    def origin(t):
+        if "preset" in t.user_attrs:
+            return f"preset {t.user_attrs['preset']}"
+        if "parent" in t.user_attrs:
+            return f"trial {t.user_attrs['parent']}, {t.user_attrs['mutation']}"
+        return "sampler"
+
+    assert [r["from"] for r in rows] == [origin(t) for t in study.get_trials()]
     assert any(r["from"].startswith("preset ") for r in rows)
     assert {r["parameters"] for r in trained} <= {f"{t.user_attrs['n_params']:,}" for t in study.get_trials()}
     for fig_id in ("params-vs-accuracy", "parameter-spread", "learning-curves", "history", "timeline", "winner",
@@ -216,7 +223,7 @@ def test_best_front_certifies_every_front_trial_once_and_the_report_draws_them(t
     # Again: every certificate is reused, nothing retrained.
     out = runner.invoke(app, args)
     assert out.exit_code == 0 and out.output.count("its certificate is reused") == len(front), out.output
-    assert "epoch  1: test" not in out.output
+    assert "seed 1/1: epoch 1/1" not in out.output
     assert all(e["reused"] for e in json.loads((results / "tiny" / "front.json").read_text())["entries"])
     # A floor no trial reached: refused, naming the floor and the best; front.json kept.
     out = runner.invoke(app, ["best", "--study", "tiny", "--results-dir", str(results), "--front", "--floor", "99.99",
@@ -271,7 +278,11 @@ def test_a_forged_certificate_is_neither_reused_nor_reported(tiny_study, data_ro
     assert "seeds[0].final_test_acc: the certificate says 99.52%, but seed0.pt recorded" in text
     entry = json.loads((results / "tiny" / "front.json").read_text())["entries"][0]
     assert entry["test_acc_mean"] != 0.9952 and not entry["reused"]
-    # best.json edited: the report leaves it out and says why.
+    # best.json edited: the report leaves it out and says why. best.json is written afresh first: --front may just
+    # have certified the winner again, replacing the checkpoint an earlier best.json names.
+    out = runner.invoke(app, ["best", "--study", "tiny", "--results-dir", str(results), "--seeds", "1",
+                              "--data-dir", str(data_root), "--device", "cpu", "--max-params", "6000"])
+    assert out.exit_code in (0, 1), out.output
     best = json.loads((results / "tiny" / "best.json").read_text())
     best["rules"][3]["pass"] = best["certified"] = True
     (results / "tiny" / "best.json").write_text(json.dumps(best))

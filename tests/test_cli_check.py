@@ -162,3 +162,49 @@ def test_check_is_callable_from_python_with_the_clis_verdicts_and_exit_codes(tmp
     with pytest.raises(Refused) as refused:
         check_command(str(shrinking))
     assert refused.value.code == 1 and "must stay at least 1x1" in str(refused.value)
+
+
+NOT_LOGITS = textwrap.dedent("""
+    import torch.nn as nn
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 10, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    class Pair(Logits):
+        def forward(self, x):
+            return self.body(x), self.body(x)
+
+    class Listed(Logits):
+        def forward(self, x):
+            return [self.body(x), 3]
+
+    class Named(Logits):
+        def forward(self, x):
+            return {"logits": self.body(x)}
+
+    class Nothing(Logits):
+        def forward(self, x):
+            self.body(x)
+
+    class Number(Logits):
+        def forward(self, x):
+            return 3.0
+""")
+
+
+def test_a_forward_that_returns_no_tensor_of_logits_is_refused_saying_what_it_returned(tmp_path):
+    source = tmp_path / "outputs.py"
+    source.write_text(NOT_LOGITS)
+    expected = {
+        "Pair": "output is a tuple of 2 tensors, expected one (N, 10) tensor of logits",
+        "Listed": "output is a list of 2 items (Tensor, int), expected one (N, 10) tensor of logits",
+        "Named": "output is a dict with 1 key ('logits'), expected one (N, 10) tensor of logits",
+        "Nothing": "output is None (does forward return its result?), expected one (N, 10) tensor of logits",
+        "Number": "output is a float, not a tensor, expected one (N, 10) tensor of logits",
+    }
+    for name, reason in expected.items():
+        out = runner.invoke(app, ["check", f"{source}:{name}"])
+        assert out.exit_code == 1 and f"  - {reason}\n" in out.output, (name, out.output)
+        assert "output shape ()" not in out.output and "Traceback" not in out.output

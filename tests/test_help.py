@@ -1,4 +1,5 @@
-"""Every command's --help shows each option's meaning and its default (rich markup once swallowed the defaults)."""
+"""Every command's --help shows each option's meaning and its default (rich markup once swallowed the defaults), usage
+lines a person can read, and the wording of a few lines that once read wrong."""
 
 import pytest
 import typer
@@ -87,3 +88,45 @@ def test_a_bound_refuses_naming_the_value_and_the_limit():
     assert BOUNDS["trials"].refusal(0) == "0 must be at least 1"
     assert PERCENT.refusal(100.5) == "100.5 must be from 0 to 100 percent"
     assert BOUNDS["subset"].refusal(None) is None and PERCENT.refusal(99.4) is None
+
+
+def test_every_parameter_of_every_command_has_a_description_and_usage_lines_have_no_braces():
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            if not getattr(param, "hidden", False):  # words before the default, not the default alone
+                assert (param.help or "").split("[default:")[0].strip(), f"{name} {param.name} has no description"
+        usage = runner.invoke(app, [name, "--help"], env={"COLUMNS": "250"}).output.splitlines()[0]
+        assert usage.startswith("Usage: ") and "{" not in usage and "}" not in usage, usage
+    assert runner.invoke(app, ["check", "--help"]).output.splitlines()[0].endswith(" check [OPTIONS] TARGET")
+    assert runner.invoke(app, ["certify", "--help"]).output.splitlines()[0].endswith(" certify [OPTIONS] [TARGET]")
+
+
+def test_best_and_certify_say_what_their_epochs_default_to():
+    def epochs_help(command):
+        return next(p.help for p in typer.main.get_command(app).commands[command].params if p.name == "epochs")
+
+    assert epochs_help("best").endswith("[default: the trial's, as searched].")
+    assert epochs_help("certify").endswith("[default: the trial's with --trial, else 20].")
+
+
+def test_certify_trial_without_study_is_refused_naming_the_missing_option():
+    out = runner.invoke(app, ["certify", "--trial", "3"])
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    assert " ".join(out.output.split()) == "error: --trial 3 needs --study, the study the trial is stored in " \
+                                           "(--study S --trial 3)"
+
+
+def test_a_one_epoch_trial_is_said_in_the_singular(tmp_path, data_root, monkeypatch):
+    from search.options import SearchOptions
+    from search.study import run_search
+    from test_best_report import _measure_only  # `fit` without training: the line is what is tested
+
+    run_search(SearchOptions(trials=1, study="one", results_dir=str(tmp_path), epochs=1, subset=200,
+                             data_dir=str(data_root), device="cpu"), log=lambda line: None)
+    monkeypatch.setattr("search.retrain.fit", _measure_only)
+    out = runner.invoke(app, ["best", "--study", "one", "--results-dir", str(tmp_path), "--seeds", "1",
+                              "--data-dir", str(data_root), "--device", "cpu"])
+    text = " ".join(out.output.split())
+    assert out.exit_code == 1, text  # untrained, it fails the accuracy rule
+    assert "note: trial 0 was searched with 1 epoch and is retrained with as many" in text, text
+    assert "1 seed x 1 epoch on 60,000 images" in text and "1 epochs" not in text, text

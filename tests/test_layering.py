@@ -69,6 +69,7 @@ def test_engine_imports_nothing_of_optuna_or_the_study():
 
 def test_best_and_report_do_not_load_the_search_machinery():
     for module in ("search.retrain", "search.report", "search.report_data", "search.report_figures",
+                   "search.report_optuna",
                    "search.record", "search.storage", "search.certificate", "search.checkpoint", "search.choose",
                    "search.certified_files", "search.workers", "search.tally", "search.setup", "search.provenance"):
         assert forbidden(module, ("search.objective", "search.study", "search.space",

@@ -1,7 +1,9 @@
 """The study's storage without training: the running tally against full reads, front descent's inputs, retries
-handed out first, a dead local worker's trials, and the names other modules import from search.storage."""
+handed out first, a dead local worker's trials, the names other modules import from search.storage, a results folder
+copied elsewhere, the end-of-search line's counts, and the presets a new study queues (with one cheap search)."""
 
 import random
+import shutil
 import subprocess
 import sys
 
@@ -9,10 +11,16 @@ import optuna
 import pytest
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
+from typer.testing import CliRunner
+
+from cli import app
 
 from search.descent import next_descent
+from search.options import SearchOptions
 from search.record import Outcome, TrialRecord, best, count_trained, outcome_counts, records
+from search.run import summary_line
 from search.storage import open_storage
+from search.study import presets_to_queue, run_search
 from search.tally import StudyTally, tally_of
 from search.workers import RetriesFirstStudy, fail_dead_local_trials, retry_source, this_worker
 
@@ -131,3 +139,92 @@ def test_names_other_modules_import_from_search_storage_are_still_there():
         assert getattr(storage, name) is getattr(workers, name)
     assert storage.check_setup is setup.check_setup and storage.provenance is provenance.provenance
     assert storage.SearchError is workers.SearchError
+
+
+def rejected(n_params: int):
+    """A stored trial refused before training: cheap to add, and `report` counts it."""
+    return create_trial(state=TrialState.PRUNED, params={"param_target": n_params, "lr": 0.05},
+                        distributions=DISTRIBUTIONS,
+                        user_attrs={"outcome": "rejected", "n_params": n_params, "reason": "refused untrained (test)"})
+
+
+def report(*args):
+    out = CliRunner().invoke(app, ["report", "--study", "c", *args])
+    return out.exit_code, " ".join(out.output.split())
+
+
+def test_a_results_folder_copied_elsewhere_works_on_its_own_database(tmp_path, monkeypatch):
+    """The README's `cp -r results /tmp/elsewhere && python cli.py report --results-dir /tmp/elsewhere`, with the
+    original renamed away: the copy's folder is owned by the copy's database, which is the one read."""
+    monkeypatch.chdir(tmp_path)  # the default --results-dir, "results", relative as in the README
+    study = optuna.create_study(study_name="c", storage=open_storage("sqlite:///results/c.db", heartbeat=None))
+    study.add_trial(rejected(19_000))
+    assert report() == (0, "report: results/c/report.html (0 trained, 1 rejected, 0 queued)")
+    assert (tmp_path / "results" / "c" / ".storage").read_text() == "relative:../c.db\n"
+    shutil.copytree(tmp_path / "results", tmp_path / "elsewhere")
+    (tmp_path / "results").rename(tmp_path / "gone")
+    optuna.load_study(study_name="c", storage="sqlite:///elsewhere/c.db").add_trial(rejected(18_000))
+    (tmp_path / "elsewhere" / "c" / "report.html").unlink()
+
+    code, out = report("--results-dir", "elsewhere")
+    assert (code, out) == (0, "report: elsewhere/c/report.html (0 trained, 2 rejected, 0 queued)"), out  # the copy's
+    assert (tmp_path / "elsewhere" / "c" / "report.html").is_file() and not (tmp_path / "results").exists()
+    assert len(optuna.load_study(study_name="c", storage="sqlite:///gone/c.db").trials) == 1  # the original: as it was
+
+    # A marker of an earlier version: the absolute URL of the default database at the folder's old place (gone).
+    marker = tmp_path / "elsewhere" / "c" / ".storage"
+    marker.write_text(f"sqlite:///{tmp_path / 'results' / 'c.db'}\n")
+    assert report("--results-dir", "elsewhere")[0] == 0 and marker.read_text() == "relative:../c.db\n"
+    # Another storage's study of the same name is still refused there, naming the folder's own database.
+    code, out = report("--results-dir", "elsewhere", "--storage", f"sqlite:///{tmp_path / 'gone' / 'c.db'}")
+    assert code == 2 and f"elsewhere/c holds the files of study 'c' in {tmp_path / 'elsewhere' / 'c.db'}, not " \
+        f"sqlite:///{tmp_path / 'gone' / 'c.db'}; give another --results-dir" in out, out
+    # An absolute marker naming some other file is another storage's, as before.
+    marker.write_text(f"sqlite:///{tmp_path / 'other.db'}\n")
+    assert report("--results-dir", "elsewhere")[0] == 2
+
+
+def test_the_end_of_search_line_counts_a_trial_another_worker_still_trains(tmp_path):
+    study = make_study(tmp_path)
+    for outcome, state in (("completed", TrialState.COMPLETE), ("completed", TrialState.COMPLETE),
+                           ("pruned", TrialState.PRUNED), ("failed", TrialState.FAIL),
+                           ("rejected", TrialState.PRUNED)):
+        study.add_trial(create_trial(state=state, value=0.9 if state == TrialState.COMPLETE else None,
+                                     user_attrs={"outcome": outcome, "n_params": 3_000}))
+    elsewhere = study.ask()  # running in another worker: it holds one of the --trials slots
+    elsewhere.set_user_attr("outcome", Outcome.TRAINING.value)
+    line = summary_line("t", count_trained(study), outcome_counts(study), 12.4)
+    assert line == ("study t: 5 trained (2 completed, 1 pruned, 1 failed, 1 still training in another worker), "
+                    "1 rejected; 12 s this run")
+    for other in (study.ask(), study.ask()):
+        other.set_user_attr("outcome", Outcome.TRAINING.value)
+    assert "7 trained (2 completed, 1 pruned, 1 failed, 3 still training in other workers)" in summary_line(
+        "t", count_trained(study), outcome_counts(study), 0)
+    assert summary_line("t", 2, {"completed": 2}, 0) == "study t: 2 trained (2 completed, 0 pruned, 0 failed), 0 " \
+                                                        "rejected; 0 s this run"
+
+
+def queued(**options) -> list[str]:
+    return [name for name, _ in presets_to_queue(SearchOptions(**options))]
+
+
+def test_the_presets_take_at_most_half_of_the_trials():
+    assert queued(trials=4) == ["baseline", "threeblock"]  # accuracy: largest first
+    assert queued(trials=6) == ["baseline", "threeblock", "small"]  # the README's quick look
+    assert queued(trials=12) == queued(trials=50) == ["baseline", "threeblock", "small", "compact", "tiny", "micro"]
+    assert queued(trials=10, objective="pareto") == ["micro", "tiny", "compact", "small", "threeblock"]
+    assert queued(trials=1) == queued(trials=3) == ["baseline"]  # at least one
+    # Refused untrained, a preset takes no slot: it is queued where it falls and stored as rejected.
+    assert queued(trials=4, max_params=9_000) == ["baseline", "threeblock", "small", "compact"]
+    assert queued(trials=2, min_rf=17) == ["baseline", "threeblock"]  # baseline's 16 px: rejected
+    assert queued(trials=2, max_params=9_000, repair=True) == ["baseline"]  # repaired, it trains
+
+
+def test_a_search_of_four_trials_trains_two_presets_and_two_sampled_candidates(tmp_path, data_root):
+    opts = SearchOptions(trials=4, study="half", results_dir=str(tmp_path), epochs=1, subset=200, seed=3,
+                         data_dir=str(data_root), device="cpu")
+    study = run_search(opts, log=lambda line: None).study
+    trained = [r for r in records(study) if r.is_trained]
+    # The other half is the search's own: the sampler's draws (or steps queued from trials it has, not presets).
+    assert [r.preset for r in trained] == ["baseline", "threeblock", "", ""]
+    assert [r.outcome for r in records(study) if r.preset] == [Outcome.COMPLETED] * 2  # no preset left queued

@@ -10,7 +10,7 @@ import torch
 from models.rules import RULES
 
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("onecycle", "step", "cosine")
+SCHEDULES = ("onecycle", "step", "cosine", "piecewise")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
 # The step paths a fit can take (History.step_path): the whole SGD step of engine/whole_step.py eagerly, split
@@ -28,6 +28,9 @@ AUGMENT_UNIT = {"degrees": 8.0, "scale": 0.08, "shift_px": 2.0}
 _ADDED_IN_28 = ("momentum", "onecycle_warmup", "onecycle_max_momentum", "onecycle_base_momentum",
                 "onecycle_start_div", "onecycle_end_div", "step_milestones", "step_gamma", "eval_batch_cpu",
                 "eval_batch_cuda")
+# Fields added by issue #27, likewise: their defaults (no weight average; the piecewise points, unused by the other
+# schedules) are what training did before them.
+_ADDED_IN_27 = ("ema", "piecewise_epochs", "piecewise_lr_factors")
 
 
 @dataclass(frozen=True)
@@ -38,12 +41,15 @@ class TrainConfig:
     epochs: int = RULES.max_epochs  # passes over the training split: the most the rules allow (20)
     batch_size: int = 64  # images per step (docs/engine.md has the batch sizes measured)
     optimizer: str = "sgd"  # "sgd" (Nesterov momentum) or "adamw" (beta2 0.999 and eps 1e-8: torch's)
-    lr: float = 0.1  # peak learning rate: OneCycle's maximum, the start of step and cosine schedules
-    # SGD's Nesterov momentum, or AdamW's beta1, under the step and cosine schedules. OneCycle overrides it: it
-    # cycles the momentum (or beta1) itself, below.
+    # Peak learning rate: OneCycle's maximum, the start of step and cosine schedules, the unit of piecewise's factors.
+    lr: float = 0.1
+    # SGD's Nesterov momentum, or AdamW's beta1, under the step, cosine and piecewise schedules; 0 = plain SGD
+    # (torch's Nesterov needs a momentum, so SGD then steps without it). OneCycle overrides it: it cycles the
+    # momentum (or beta1) itself, below.
     momentum: float = 0.9
     weight_decay: float = WEIGHT_DECAY["sgd"]  # on conv weights only (BatchNorm and biases not decayed)
-    schedule: str = "onecycle"  # "onecycle", "step" or "cosine" (down to 0 at the last step), per step, not epoch
+    # "onecycle", "step", "cosine" (down to 0 at the last step) or "piecewise"; set per step, not per epoch.
+    schedule: str = "onecycle"
     # OneCycle: the learning rate rises from lr / onecycle_start_div to lr over the first onecycle_warmup of the
     # steps, then falls along a cosine to lr / (onecycle_start_div * onecycle_end_div) at the last step. The momentum
     # (SGD) or beta1 (AdamW) moves the other way: onecycle_max_momentum at the start, down to
@@ -56,6 +62,12 @@ class TrainConfig:
     # "step": the learning rate times step_gamma after each of these fractions of all steps.
     step_milestones: tuple[float, ...] = (0.5, 0.75)
     step_gamma: float = 0.1
+    # "piecewise": the learning rate is lr times piecewise_lr_factors[i] at epoch piecewise_epochs[i] (epochs from 0,
+    # the start of training; fractions allowed), linear in between at every step, and the last factor after the last
+    # point. The defaults are #27's published recipe with lr 0.1: 0.05 at epoch 0, 0.1 at 2, 0.01 at 8, 0.005 at 12,
+    # 0 at 15.
+    piecewise_epochs: tuple[float, ...] = (0, 2, 8, 12, 15)
+    piecewise_lr_factors: tuple[float, ...] = (0.5, 1.0, 0.1, 0.05, 0.0)
     label_smoothing: float = 0.05  # probability mass spread over the other classes
     # Strength of the random affine, in units of AUGMENT_UNIT (1.0 = +-8 deg, +-8% scale, +-2 px shift); 0 = off.
     # 0.5 because small nets underfit under more (figures in docs/engine.md).
@@ -65,10 +77,15 @@ class TrainConfig:
     # larger batches mean fewer launches (docs/engine.md).
     eval_batch_cpu: int = 500
     eval_batch_cuda: int = 2000
+    # Exponential moving average of the weights, its decay per step (0 = off; 0.999 averages over about the last
+    # 1,000 steps). When on, the averaged weights, with BatchNorm running statistics averaged alongside them, are
+    # the model evaluated after every epoch and the one fit leaves in the module (engine/average.py says why).
+    ema: float = 0.0
     seed: int = 0  # weights, batch order, augmentation and dropout
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "step_milestones", tuple(self.step_milestones))  # a list from JSON, hashable
+        for name in ("step_milestones", "piecewise_epochs", "piecewise_lr_factors"):  # lists from JSON; hashable
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         top = RULES.max_epochs
         for name, ok, limit in (
                 ("epochs", isinstance(self.epochs, int) and 1 <= self.epochs <= top,
@@ -88,6 +105,14 @@ class TrainConfig:
                 ("step_milestones", all(a < b for a, b in zip((0, *self.step_milestones), (*self.step_milestones, 1))),
                  "must be increasing fractions in (0, 1)"),
                 ("step_gamma", 0 < self.step_gamma <= 1, "must be in (0, 1]"),
+                ("piecewise_epochs", self.piecewise_epochs[:1] == (0,) and all(
+                    a < b for a, b in zip(self.piecewise_epochs, self.piecewise_epochs[1:])),
+                 "must be increasing epochs starting at 0"),
+                ("piecewise_lr_factors", len(self.piecewise_lr_factors) == len(self.piecewise_epochs) > 0
+                 and min(self.piecewise_lr_factors) >= 0 and max(self.piecewise_lr_factors) > 0,
+                 f"must be one factor of lr (>= 0, not all 0) per point of piecewise_epochs "
+                 f"({len(self.piecewise_epochs)})"),
+                ("ema", 0 <= self.ema < 1, "must be in [0, 1) (0 = off)"),
                 ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
                 ("augment", 0 <= self.augment <= 3, "must be from 0 (off) to 3"),
                 ("eval_batch_cpu", isinstance(self.eval_batch_cpu, int) and self.eval_batch_cpu >= 1,
@@ -101,18 +126,27 @@ class TrainConfig:
         return self.eval_batch_cuda if device.type == "cuda" else self.eval_batch_cpu
 
     def to_dict(self) -> dict:
-        """The fields as JSON has them (tuples as lists), so that a stored config compares equal to a fresh one."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The fields as JSON has them (tuples as lists), so that a stored config compares equal to a fresh one.
+        The fields of #27 are left out where they change nothing (no weight average; the piecewise points at their
+        defaults under another schedule): a config that does not use them is stored, and so keyed for duplicates
+        and compared with certificates, as before them."""
+        data = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in _ADDED_IN_27:
+            unused = name == "ema" or self.schedule != "piecewise"
+            if unused and getattr(self, name) == defaults[name]:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        """A stored config; one stored before issue #28 lacks its fields and takes their defaults (what training
-        did then)."""
+        """A stored config; one stored before issue #28 or #27 lacks their fields and takes their defaults (what
+        training did then)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"training config: unknown field(s) {unknown}; known: {sorted(known)}")
-        missing = sorted(known - set(data) - set(_ADDED_IN_28))
+        missing = sorted(known - set(data) - {*_ADDED_IN_28, *_ADDED_IN_27})
         if missing:
             raise ValueError(f"training config: missing field(s) {missing}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

@@ -18,6 +18,7 @@ from torch import nn
 
 from search.data import Split
 from search.engine import runtime
+from search.engine.average import WeightAverage
 from search.engine.config import EpochRecord, History, TrainConfig, resolve_device
 from search.engine.runtime import CaptureFailed
 from search.engine.steps import graph_model, make_optimizer, make_scheduler, random_affine, to_device, train_epoch
@@ -57,6 +58,7 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
     `reset_weights`: draw the model's initial weights from cfg.seed (every module's reset_parameters), so one seed
     gives one run however the model was built; False trains the weights it has (a module's own initialisation).
     `data_on_device`: the (x_train, y_train, x_val, y_val) tensors from `to_device`, to share one copy across trials.
+    With cfg.ema the weight average is what each epoch evaluates and what the model holds when fit returns.
     `progress`: a rich progress bar; by default only when stderr is a terminal.
     `compile_model`: run the steps through torch.compile (its compile time lands in the first epoch's seconds).
     `whole_step`: SGD steps through engine/whole_step.py (everything a step needs read from device tensors); by
@@ -90,11 +92,24 @@ def fit(model: nn.Module, train: Split | None, val: Split | None, cfg: TrainConf
     bar = _Progress(cfg.epochs * steps_per_epoch) if (sys.stderr.isatty() if progress is None else progress) else None
     try:
         history.status = _epochs(trainer, history, gen, (x_val, y_val), on_epoch, bar)
+        trainer.keep_average()
         return history
     finally:
         if bar:
             bar.close()
         trainer.close()
+
+
+def epoch_line(who: str, epoch: int, epochs: int, measured: str, accuracy: float, seconds: float,
+               left_s: float = 0.0) -> str:
+    """One line after an epoch, the search's trials' and certification's seeds' alike, printed also where no
+    progress bar shows (a file, a pipe): "<who>: epoch e/E, <measured> x.xx%, s.s s, about t s left".
+    `seconds`: the epoch's wall time, training and evaluation; `left_s`: the seconds still to train, estimated by
+    the caller, said when over 0 (and in minutes too from 10 minutes on)."""
+    line = f"{who}: epoch {epoch}/{epochs}, {measured} {accuracy:.2%}, {seconds:.1f} s"
+    if left_s > 0:
+        line += f", about {left_s:.0f} s left" + (f" ({left_s / 60:.0f} min)" if left_s >= 600 else "")
+    return line
 
 
 def _epochs(trainer: "_Trainer", history: History, gen: torch.Generator, val: tuple, on_epoch, bar) -> str:
@@ -109,7 +124,7 @@ def _epochs(trainer: "_Trainer", history: History, gen: torch.Generator, val: tu
         train_loss = loss_sum.item() / seen
         if not math.isfinite(train_loss):
             return "nan"
-        val_loss, val_acc = evaluate(trainer.step_model, *val, cfg.eval_batch(device), True, trainer.bf16)
+        val_loss, val_acc = trainer.evaluate(*val)
         record = EpochRecord(epoch, train_loss, correct.item() / seen, val_loss, val_acc, trainer.lr,
                              time.perf_counter() - start, seen / train_seconds)
         history.epochs.append(record)
@@ -169,6 +184,8 @@ class _Trainer:
         self.steps_per_epoch = steps_per_epoch
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.step_model, self.stepper, self.fallback = model, None, None
+        # cfg.ema: the weight average every path updates after each step (inside the whole step's graph too).
+        self.average = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
         if whole_step:
             if shards is None and device.type == "cpu":
                 from models.budget import module_table
@@ -178,11 +195,11 @@ class _Trainer:
             shards = 1 if shards is None else shards
             try:
                 self.stepper = WholeStep(model, x_train, y_train, cfg, self.criterion, steps_per_epoch,
-                                         capture=graphs, bf16=bf16, shards=shards)
+                                         capture=graphs, bf16=bf16, shards=shards, average=self.average)
             except CaptureFailed as err:
                 self._fell_back(err)
                 self.stepper = WholeStep(model, x_train, y_train, cfg, self.criterion, steps_per_epoch,
-                                         capture=False, bf16=bf16, shards=shards)
+                                         capture=False, bf16=bf16, shards=shards, average=self.average)
         else:
             if graphs:
                 try:
@@ -208,7 +225,8 @@ class _Trainer:
         thetas = random_affine(n, cfg.augment, gen) if cfg.augment > 0 else None
         if self.stepper is None:
             return train_epoch(self.step_model, self.opt, self.sched, self.criterion, self.x_train, self.y_train,
-                               order, thetas, cfg.batch_size, self.steps_per_epoch, self.bf16, advance)
+                               order, thetas, cfg.batch_size, self.steps_per_epoch, self.bf16, advance,
+                               self.average)
         self.stepper.start_epoch(order, thetas)
         for _ in range(self.steps_per_epoch):
             self.stepper.step()
@@ -218,6 +236,20 @@ class _Trainer:
         loss_sum, correct = self.stepper.sums()
         self.stepper.sync()
         return loss_sum, correct, self.steps_per_epoch * cfg.batch_size
+
+    def evaluate(self, x_val: torch.Tensor, y_val: torch.Tensor) -> tuple[float, float]:
+        """Validation loss and accuracy of the model, or of its weight average when cfg.ema is on."""
+        batch = self.cfg.eval_batch(self.x_train.device)
+        if self.average is None:
+            return evaluate(self.step_model, x_val, y_val, batch, True, self.bf16)
+        with self.average.swapped_in():
+            return evaluate(self.step_model, x_val, y_val, batch, True, self.bf16)
+
+    def keep_average(self) -> None:
+        """At the end of a fit: the averaged weights into the model for good (it is the model trained)."""
+        if self.average is not None:
+            self.average.swap()
+            self.average = None
 
     @property
     def lr(self) -> float:

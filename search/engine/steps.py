@@ -56,8 +56,25 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+        momentum = first_momentum(cfg)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum, nesterov=momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))  # beta2: torch's default
+
+
+def first_momentum(cfg: TrainConfig) -> float:
+    """The momentum of the first SGD step: OneCycle's maximum under it (it sets that before the first step anyway),
+    else `momentum`. Nesterov only where it is above 0: torch refuses Nesterov without momentum, and with a
+    momentum of 0 throughout the update is plain SGD either way."""
+    return cfg.onecycle_max_momentum if cfg.schedule == "onecycle" else cfg.momentum
+
+
+def piecewise_factor(epoch: float, epochs: tuple[float, ...], factors: tuple[float, ...]) -> float:
+    """The factor of lr at `epoch` (a fraction of epochs since the start): linear between the points, the last
+    point's factor after it."""
+    for (e0, f0), (e1, f1) in zip(zip(epochs, factors), zip(epochs[1:], factors[1:])):
+        if epoch < e1:
+            return f0 + (f1 - f0) * (epoch - e0) / (e1 - e0)
+    return factors[-1]
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
@@ -68,6 +85,9 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch
             opt, max_lr=cfg.lr, total_steps=total, pct_start=cfg.onecycle_warmup,
             base_momentum=cfg.onecycle_base_momentum, max_momentum=cfg.onecycle_max_momentum,
             div_factor=cfg.onecycle_start_div, final_div_factor=cfg.onecycle_end_div)
+    if cfg.schedule == "piecewise":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: piecewise_factor(
+            step / steps_per_epoch, cfg.piecewise_epochs, cfg.piecewise_lr_factors))
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(total * f) for f in cfg.step_milestones],
@@ -90,8 +110,9 @@ def batch_loss(model: nn.Module, criterion: nn.Module, x_train: torch.Tensor, y_
 
 
 def train_epoch(step_model, opt, sched, criterion, x_train, y_train, order, thetas, batch_size: int,
-                steps: int, bf16: bool, advance) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One epoch of ordinary steps; returns the summed loss, the number correct and the number of images seen."""
+                steps: int, bf16: bool, advance, average=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One epoch of ordinary steps; returns the summed loss, the number correct and the number of images seen.
+    `average` (an engine/average.py WeightAverage, or None) is updated after every optimizer step."""
     loss_sum = torch.zeros((), device=x_train.device)
     correct = torch.zeros((), device=x_train.device, dtype=torch.long)
     seen = 0
@@ -102,6 +123,8 @@ def train_epoch(step_model, opt, sched, criterion, x_train, y_train, order, thet
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if average is not None:
+            average.update()
         sched.step()
         loss_sum += loss.detach() * len(yb)
         correct += (logits.detach().argmax(1) == yb).sum()

@@ -29,8 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
+from search.engine.average import WeightAverage, running_stats
 from search.engine.runtime import capture_guard, capturing
-from search.engine.steps import batch_loss, make_optimizer, make_scheduler
+from search.engine.steps import batch_loss, first_momentum, make_optimizer, make_scheduler
 
 
 def schedule(cfg, steps_per_epoch: int) -> tuple[list[float], list[float]]:
@@ -39,7 +40,8 @@ def schedule(cfg, steps_per_epoch: int) -> tuple[list[float], list[float]]:
     The learning rates have one more entry: the rate after the last step.
     """
     dummy = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.SGD([dummy], lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    momentum = first_momentum(cfg)
+    opt = torch.optim.SGD([dummy], lr=cfg.lr, momentum=momentum, nesterov=momentum > 0)
     sched = make_scheduler(opt, cfg, steps_per_epoch)
     opt.step()  # no gradient, so a no-op; once, so that the scheduler does not warn of the call order
     group = opt.param_groups[0]
@@ -78,20 +80,17 @@ def _tied_replica(model: nn.Module) -> nn.Module:
     return replica
 
 
-def _bn_stats(model: nn.Module) -> list[torch.Tensor]:
-    return [t for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-            for t in (m.running_mean, m.running_var)]
-
-
 class WholeStep:
     """One SGD step per call: `start_epoch(order, thetas)`, then `step()` n // batch_size times, then `sums()` and,
     before the model is evaluated, `sync()`.
 
     `shards` > 1 (CPU only) splits each batch across that many worker threads; `close()` stops them.
+    `average`: the weight average (cfg.ema) to update after every SGD update, inside the captured graph too.
     """
 
     def __init__(self, model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg, criterion: nn.Module,
-                 steps_per_epoch: int, capture: bool, bf16: bool, shards: int = 1):
+                 steps_per_epoch: int, capture: bool, bf16: bool, shards: int = 1,
+                 average: WeightAverage | None = None):
         if cfg.optimizer != "sgd":
             raise ValueError(f"optimizer={cfg.optimizer!r}: the whole-step path does SGD only")
         if shards > 1 and (capture or x_train.device.type != "cpu"):
@@ -101,7 +100,7 @@ class WholeStep:
                              "(BatchNorm needs two images per shard)")
         device = x_train.device
         self.model, self.x_train, self.y_train, self.cfg, self.criterion = model, x_train, y_train, cfg, criterion
-        self.bf16, self.shards = bf16, shards
+        self.bf16, self.shards, self.average = bf16, shards, average
         n = len(y_train)
         self.order = torch.arange(n, device=device)
         self.thetas = torch.zeros(n, 2, 3, device=device)
@@ -113,6 +112,7 @@ class WholeStep:
         self._lrs = lrs  # for `lr`, without reading the device
         self.lrs = torch.tensor(lrs, device=device)
         self.moms = torch.tensor(moms, device=device)
+        self.momentum_on = any(m > 0 for m in moms)  # without, the update is plain SGD: no buffer work
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
         # The same parameter groups as torch's optimizer: conv weights decayed, BatchNorm and biases not.
@@ -122,6 +122,8 @@ class WholeStep:
         self.decay_idx = [i for i, p in enumerate(self.params) if id(p) in decay]
         self.bufs = [torch.zeros_like(p) for p in self.params]
         self.graph = self._capture() if capture else None
+        if average is not None:
+            average.reset()  # the capture's warm-up steps moved it; capture_guard has put the weights back
         self.pool = None
         if shards > 1:
             self._start_shards(shards, device)
@@ -133,7 +135,7 @@ class WholeStep:
         self.shard_offsets = [self.offsets[a:b] for a, b in zip(bounds, bounds[1:])]
         self.shard_weights = [(b - a) / size for a, b in zip(bounds, bounds[1:])]
         self.replicas = [self.model] + [_tied_replica(self.model) for _ in range(shards - 1)]
-        self.shard_stats = [_bn_stats(r) for r in self.replicas]
+        self.shard_stats = [running_stats(r) for r in self.replicas]
         for i, replica in enumerate(self.replicas):  # each shard's dropout masks from its own seeded stream
             gen = torch.Generator(device=device).manual_seed(self.cfg.seed * 1_000_003 + i)
             for m in replica.modules():
@@ -219,19 +221,23 @@ class WholeStep:
         """The SGD update from `grads` (aligned with self.params; changed in place) and the epoch's sums."""
         at = self.global_step.view(1)  # index_select, not [], which would read the step back to the host
         self._sgd(grads, self.lrs.index_select(0, at).squeeze(), self.moms.index_select(0, at).squeeze())
+        if self.average is not None:
+            self.average.update(list(zip(self.shard_stats, self.shard_weights)) if self.pool is not None else None)
         self.loss_sum += loss_sum
         self.correct += correct
         self.epoch_step += 1
         self.global_step += 1
 
     def _sgd(self, grads: list[torch.Tensor], lr: torch.Tensor, momentum: torch.Tensor) -> None:
-        """torch.optim.SGD(nesterov=True) with the learning rate and momentum as device tensors."""
+        """torch.optim.SGD(nesterov=True) with the learning rate and momentum as device tensors; plain SGD where the
+        momentum is 0 at every step (as torch's SGD without momentum)."""
         if self.cfg.weight_decay > 0:
             torch._foreach_add_([grads[i] for i in self.decay_idx], [self.params[i] for i in self.decay_idx],
                                 alpha=self.cfg.weight_decay)
-        torch._foreach_mul_(self.bufs, momentum)
-        torch._foreach_add_(self.bufs, grads)  # buf = momentum * buf + grad (buf starts at 0: torch's first step)
-        torch._foreach_add_(grads, torch._foreach_mul(self.bufs, momentum))  # Nesterov: grad + momentum * buf
+        if self.momentum_on:
+            torch._foreach_mul_(self.bufs, momentum)
+            torch._foreach_add_(self.bufs, grads)  # buf = momentum * buf + grad (buf starts at 0: torch's first step)
+            torch._foreach_add_(grads, torch._foreach_mul(self.bufs, momentum))  # Nesterov: grad + momentum * buf
         torch._foreach_mul_(grads, lr)
         torch._foreach_sub_(self.params, grads)
 

@@ -1,0 +1,250 @@
+"""Evolution near the front (search/evolution.py), the seed-spread winner rule (search/choose.py) and the envelope
+stop (search/pruning.py): pure functions on hand-made FrozenTrials, and one small real search."""
+
+import random
+import subprocess
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
+
+from models.budget import count_params
+from models.presets import PRESETS
+from search import space
+from search.engine import TrainConfig
+from search.record import TrialRecord
+from search.widths import widths
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+START = datetime(2026, 12, 1)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _distribution(value):
+    if isinstance(value, bool) or isinstance(value, str):
+        return CategoricalDistribution([value])
+    return FloatDistribution(0, 1e6) if isinstance(value, float) else IntDistribution(0, 10**6)
+
+
+def done(number: int, n_params: int, val: float, spec=None, curve=None, state=TrialState.COMPLETE, **attrs):
+    """A stored trial, completed `number` minutes after START (so later numbers finished later)."""
+    spec = spec or PRESETS["micro"]
+    params = {**space.encode(spec, TrainConfig(), param_target=True), "param_target": n_params}
+    trial = create_trial(state=state, values=[val, float(n_params)] if state == TrialState.COMPLETE else None,
+                         params=params, distributions={k: _distribution(v) for k, v in params.items()},
+                         user_attrs={"n_params": n_params, "outcome": "completed" if state == TrialState.COMPLETE
+                                     else "queued", "constraint": 0, "spec": spec.to_json(indent=None),
+                                     "config": TrainConfig().to_dict(),
+                                     "history": [{"val_acc": v} for v in (curve or [val])], **attrs})
+    trial.number = number
+    if state == TrialState.COMPLETE:
+        trial.datetime_complete = START + timedelta(minutes=number)
+    return TrialRecord(trial)
+
+
+# ---- mutations ---------------------------------------------------------------------------------------------------
+
+def _differences(a: dict, b: dict) -> set:
+    return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+
+
+def _kind(what: str) -> str:
+    return what.split(" ")[0] if what.split(" ")[0] in ("width", "conv", "pool") else "recipe"
+
+
+@pytest.mark.parametrize("preset,channels", [("micro", space.PARETO_CHANNELS), ("compact", space.ACCURACY_CHANNELS)])
+def test_each_mutation_kind_makes_a_valid_spec_differing_in_exactly_that_one_thing(preset, channels):
+    cfg = TrainConfig()
+    parent_spec, parent_cfg = space.decode(space.encode(PRESETS[preset], cfg), channels)
+    assert parent_spec == PRESETS[preset]
+    children = space.mutations(space.encode(PRESETS[preset], cfg), channels)
+    kinds = {}
+    for params, what in children:
+        spec, child_cfg = space.decode(params, channels)  # a valid spec: NetSpec validated it
+        kind = _kind(what)
+        kinds[kind] = kinds.get(kind, 0) + 1
+        same_cfg = child_cfg.to_dict() == parent_cfg.to_dict()
+        if kind == "width":
+            changed = [i for i, (x, y) in enumerate(zip(widths(parent_spec), widths(spec))) if x != y]
+            assert len(changed) == 1 and same_cfg, what
+            old, new = widths(parent_spec)[changed[0]], widths(spec)[changed[0]]
+            assert abs(old - new) == channels[2] and what.endswith(f": {old} -> {new}"), what
+        elif kind == "conv":
+            block = int(what.split("block ")[1][0])
+            counts = [(len(a.convs), len(b.convs)) for a, b in zip(parent_spec.blocks, spec.blocks)
+                      if hasattr(a, "convs")]
+            assert [i + 1 for i, (x, y) in enumerate(counts) if x != y] == [block] and same_cfg, what
+            assert abs(counts[block - 1][0] - counts[block - 1][1]) == 1
+        elif kind == "pool":
+            pools = [(a.pool, b.pool) for a, b in zip(parent_spec.blocks, spec.blocks)]
+            assert sum(x != y for x, y in pools) == 2 and same_cfg and widths(spec) == widths(parent_spec), what
+        else:  # one recipe value: the network as it was, one field of the config (or the dropout) changed
+            assert (spec == parent_spec) != same_cfg, what
+            changed = _differences(child_cfg.to_dict(), parent_cfg.to_dict())
+            assert len(changed) == (0 if spec != parent_spec else 1), what
+    assert set(kinds) == {"width", "conv", "pool", "recipe"}, kinds
+    assert "width block 2 conv 1: 8 -> 6" in [w for _, w in children] or preset != "micro"
+    # The accuracy search's step from its incumbent adds no parameters.
+    for params, what in space.mutations(space.encode(PRESETS[preset], cfg), channels, fewer=True):
+        assert count_params(space.decode(params, channels)[0]) <= count_params(PRESETS[preset]), what
+
+
+def test_a_child_is_an_ordinary_trial_of_the_space_within_the_budget():
+    from search.evolution import child_step
+
+    parent = done(3, count_params(PRESETS["micro"]), 0.99)
+    params, attrs = child_step(parent, pareto=True, max_params=20_000, rng=random.Random(0), known=set())
+    assert attrs["parent"] == 3 and attrs["mutation"]
+    # The pareto space's own suggest, with the child's fitted target, makes exactly the child.
+    spec, _ = space.suggest(optuna.trial.FixedTrial(params), param_target=True)
+    assert count_params(spec) == params["param_target"]
+    # A child at or over the budget is never queued: under 4,582 only the children that shrink micro are, and under
+    # 3,000 none (removing a conv, the largest cut, leaves about 4,000).
+    for seed in range(20):
+        params, _ = child_step(parent, pareto=True, max_params=4_582, rng=random.Random(seed), known=set())
+        assert params["param_target"] < 4_582
+    assert child_step(parent, pareto=True, max_params=3_000, rng=random.Random(0), known=set()) is None
+
+
+# ---- population, tournament, ties ----------------------------------------------------------------------------
+
+def test_the_tournament_picks_only_front_members_within_the_age_window():
+    from search.evolution import POPULATION, front, population, tournament
+
+    # Ten old trials, small and accurate, then POPULATION newer ones: the old ones aged out and are never parents.
+    old = [done(n, 2_000 + n, 0.995) for n in range(10)]
+    new = [done(10 + n, 3_000 + 100 * n, 0.90 + 0.004 * n) for n in range(POPULATION)]
+    new.append(done(40, 6_000, 0.95))  # beaten by more than the spread: trial 23 has 4,300 params at 95.2%
+    members = population(old + new, pareto=True)
+    assert [r.number for r in members] == [r.number for r in new][-POPULATION:]
+    kept, tied = front(members, {r.number: [r.values[0]] for r in members}, 0.001)
+    assert 40 not in [r.number for r in kept] and tied == []
+    picked = {tournament(kept, {}, [0.99], random.Random(seed)).number for seed in range(50)}
+    assert picked <= {r.number for r in kept} and len(picked) > 1
+
+
+def test_a_tie_is_not_a_displacement_and_the_tied_member_is_rerun_first():
+    from search.evolution import front, next_step
+
+    parent = done(0, 5_000, 0.9900)
+    child = done(1, 4_000, 0.9905, parent=0, mutation="width block 1 conv 1: 8 -> 6")
+    sampled = done(2, 9_000, 0.9700)  # the latest trained is the sampler's: the slot is free
+    runs = {r.number: [r.values[0]] for r in (parent, child, sampled)}
+    assert child.origin == "trial 0, width block 1 conv 1: 8 -> 6"  # the report's `from` column
+    kept, tied = front([parent, child, sampled], runs, 0.001)
+    assert [r.number for r in kept] == [0, 1] and [r.number for r in tied] == [0]
+    # The parent is queued again with the next seed, its own parameters, before anything else.
+    step = next_step([parent, child, sampled], True, [0.994, 0.99], seed=0, max_params=20_000, rng=random.Random(0))
+    assert step[1] == {"rerun_of": 0, "seed": 1} and step[0] == {**parent.params, "seed": 1}
+    assert done(5, 5_000, 0.99, **step[1]).origin == "trial 0 re-run with seed 1"
+    # A child ahead by the spread or more displaces the parent without a re-run.
+    better = done(1, 4_000, 0.9910, parent=0, mutation="...")
+    kept, tied = front([parent, better], {0: [0.99], 1: [0.991]}, 0.001)
+    assert [r.number for r in kept] == [1] and tied == []
+    # After the re-run, the mean of the parent's runs decides: 99.00 and 98.96 -> 98.98, beaten; 99.00 and 99.20 ->
+    # 99.10, not beaten.
+    assert [r.number for r in front([parent, child], {0: [0.99, 0.9896], 1: [0.9905]}, 0.001)[0]] == [1]
+    assert [r.number for r in front([parent, child], {0: [0.99, 0.992], 1: [0.9905]}, 0.001)[0]] == [0, 1]
+
+
+def test_steps_take_every_other_slot_one_at_a_time():
+    from search.evolution import next_step
+
+    parent = done(0, 4_582, 0.99)
+    args = dict(pareto=True, levels=[0.99], seed=0, max_params=20_000, rng=random.Random(0))
+    params, attrs = next_step([parent], **args)
+    assert attrs["parent"] == 0 and attrs["mutation"]
+    waiting = done(1, 4_000, 0.0, state=TrialState.WAITING, parent=0, mutation="m")
+    assert next_step([parent, waiting], **args) is None  # one step at a time
+    child = done(1, 4_000, 0.98, parent=0, mutation="m")
+    assert next_step([parent, child], **args) is None  # never two in a row: the sampler's turn
+    assert next_step([parent, child, done(2, 9_000, 0.97)], **args) is not None
+
+
+# ---- the winner rule -----------------------------------------------------------------------------------------
+
+def _study(trials):
+    study = optuna.create_study()
+    for r in trials:
+        t = create_trial(state=TrialState.COMPLETE, value=r.values[0], params={}, distributions={},
+                         user_attrs=r.attrs)
+        study.add_trial(t)
+    return study
+
+
+def test_the_winner_is_the_smallest_within_the_seed_spread_and_trial_n_is_exactly_n():
+    from search.choose import pick_winner, seed_spread, smallest_within_spread, winner_line
+    from search.storage import SearchError
+
+    trials = [done(0, 19_674, 0.9959), done(1, 15_178, 0.9954), done(2, 12_178, 0.9951), done(3, 7_442, 0.9944)]
+    winner, top, spread, _ = smallest_within_spread(trials)
+    assert (winner.number, top.number, spread) == (2, 0, 0.001)
+    assert winner_line(trials) == ("the smallest within 0.1 points (the measured 3-seed spread) of the best "
+                                   "(99.59%): trial 2, 12,178 params, 99.51%")
+    study = _study(trials)
+    assert pick_winner(study).number == 2
+    assert pick_winner(study, trial_number=3).number == 3  # --trial N: exactly N, winner or not
+    assert pick_winner(study, trial_number=0).number == 0
+    with pytest.raises(SearchError, match="--trial 9: study .* has trials 0 to 3"):
+        pick_winner(study, trial_number=9)
+    # Measured from the study's own re-runs once three networks have two runs: pooled sd of pairs 0.2 points apart.
+    reruns = [done(10 + n, t.n_params, t.values[0] - 0.002, rerun_of=t.number, seed=1) for n, t in
+              enumerate(trials[:3])]
+    spread, source = seed_spread(trials + reruns)
+    assert spread == pytest.approx(0.002 / 2 ** 0.5) and source == "the spread of the study's 3 re-run networks"
+
+
+# ---- the envelope stop ---------------------------------------------------------------------------------------
+
+def test_the_envelope_stop_stops_a_hopeless_curve_and_keeps_a_good_one():
+    from search.pruning import EnvelopePruner, envelope_stop_reason
+
+    # Two completed 10-epoch trials: from epoch 1 they gained 3.0 and 1.5 points; the best ended at 99.5%.
+    refs = [done(0, 19_674, 0.995, curve=[0.965] + [0.99] * 8 + [0.995]),
+            done(1, 7_442, 0.99, curve=[0.975] + [0.985] * 8 + [0.99])]
+    frozen = [r.trial for r in refs]
+    # Bar: 99.5 - 0.1 = 99.4; reach = best so far + 3.0 + 0.5. 95.89% cannot; 95.91% can.
+    why = envelope_stop_reason(frozen, 9, 1, 0.9589, epochs=10)
+    assert why.startswith("stopped after epoch 1 at 95.89%: cannot come within 0.1 points of the best (99.50%)")
+    assert envelope_stop_reason(frozen, 9, 1, 0.9591, epochs=10) is None
+    assert envelope_stop_reason(frozen[:1], 9, 1, 0.10, epochs=10) is None  # one reference: nobody judged
+    # As Optuna's pruner: judged at the rungs only, from the trial's reported curve.
+    study = optuna.create_study()
+    for r in refs:
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=r.values[0], user_attrs=r.attrs))
+    pruner = EnvelopePruner(epochs=10)
+    hopeless = create_trial(state=TrialState.RUNNING, intermediate_values={1: 0.90})
+    good = create_trial(state=TrialState.RUNNING, intermediate_values={1: 0.97})
+    at_epoch_2 = create_trial(state=TrialState.RUNNING, intermediate_values={1: 0.97, 2: 0.50})
+    assert pruner.prune(study, hopeless) and not pruner.prune(study, good) and not pruner.prune(study, at_epoch_2)
+
+
+def test_the_envelope_pruner_is_refused_for_a_pareto_search_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "cli.py", "search", "--objective", "pareto", "--pruner", "envelope",
+                          "--results-dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "--pruner='envelope': envelope applies to --objective accuracy only" in out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+# ---- a real search ---------------------------------------------------------------------------------------------
+
+def test_an_accuracy_search_queues_a_child_of_its_incumbent(tmp_path, data_root):
+    from search.options import SearchOptions
+    from search.study import run_search
+
+    opts = SearchOptions(trials=3, study="evo", results_dir=str(tmp_path), epochs=1, subset=1_000,
+                         data_dir=str(data_root), device="cpu")
+    recs = {r.number: r for r in map(TrialRecord, run_search(opts, log=lambda _: None).study.get_trials())}
+    # The first trial (a preset) completes; the next step is a child of it (a child the gates refuse, a receptive
+    # field under --min-rf say, is followed by another); one child trains, then the sampler's turn.
+    kids = [r for r in recs.values() if r.attrs.get("parent") is not None]
+    trained = [r for r in kids if r.is_trained]
+    assert len(trained) == 1, [(r.number, r.outcome.value, r.attrs.get("mutation")) for r in recs.values()]
+    kid, parent = trained[0], recs[trained[0].attrs["parent"]]
+    assert parent.number == 0 and parent.is_candidate and kid.n_params <= parent.n_params
+    assert (kid.spec != parent.spec) or (kid.config.to_dict() != parent.config.to_dict()), kid.attrs["mutation"]
