@@ -244,7 +244,9 @@ def test_the_makefile_leaves_the_data_to_the_clis_rule_unless_data_is_given():
 
     if shutil.which("make") is None:
         pytest.skip("no make")
-    env = {k: v for k, v in os.environ.items() if k != "BUDGETNAS_DATA"}
+    # Under `make test DATA=...` (as .ci/run calls it) the parent make passes DATA on through MAKEFLAGS: drop it.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("BUDGETNAS_DATA", "DATA", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     plain = subprocess.run(["make", "-n", "search", "best", "test"], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=60).stdout
     assert "cli.py search --trials 50" in plain and "--data-dir" not in plain and "BUDGETNAS_DATA" not in plain
