@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from models.rules import RULES
@@ -37,7 +38,16 @@ def print_layer_table(analysis, title: str, resources=None) -> None:
     table.add_row("total", "", "", f"{analysis.n_params:,}",
                   "-" if analysis.receptive_field is None else str(analysis.receptive_field), f"{analysis.macs:,}",
                   *total)
-    console.print(table)
+    # As wide as the table needs: where the output is no terminal (a file, a pipe) rich assumes 80 columns and would
+    # cut the column names and the figures short.
+    # (print's own width= is capped at the console's).
+    natural = Measurement.get(console, console.options.update(width=400), table).maximum
+    width = console.width
+    console.width = max(width, natural)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def _bytes(value) -> str:

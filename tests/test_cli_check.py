@@ -208,3 +208,13 @@ def test_a_forward_that_returns_no_tensor_of_logits_is_refused_saying_what_it_re
         out = runner.invoke(app, ["check", f"{source}:{name}"])
         assert out.exit_code == 1 and f"  - {reason}\n" in out.output, (name, out.output)
         assert "output shape ()" not in out.output and "Traceback" not in out.output
+
+
+def test_the_layer_table_is_whole_when_the_output_is_no_terminal():
+    # CliRunner's output is no terminal, where rich assumes 80 columns: no column name or figure may be cut short.
+    out = runner.invoke(app, ["check", "micro"])
+    assert out.exit_code == 0 and "…" not in out.output
+    header = next(line for line in out.output.splitlines() if "layer" in line and "op" in line)
+    assert all(name in header for name in ("receptive field", "MACs", "activation bytes", "int8 bytes"))
+    total = next(line for line in out.output.splitlines() if "total" in line)
+    assert all(figure in total for figure in ("4,582", "1,132,880", "12,544", "5,060"))
