@@ -65,12 +65,10 @@ def check(target: Annotated[str, typer.Argument(metavar="TARGET", help=(
     """Count parameters, receptive field and MACs per layer, and judge the network against the rules.
 
     `check path/to/file.py:ClassName` imports that file, running its code, and instantiates the class."""
-    from models.resources import resources_of
-    from search.commands import check_command
+    from search.commands import check_with_resources
 
     with exits():
-        net, verdict = check_command(target, max_params)
-        resources = resources_of(net, verdict)
+        net, verdict, resources = check_with_resources(target, max_params)
     print_check(target, net, verdict, resources)
     if not verdict.ok:
         raise typer.Exit(1)

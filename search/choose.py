@@ -14,9 +14,8 @@ import optuna
 from search.record import (Outcome, TrialRecord, candidates, pareto_front, records, smallest_reaching)
 from search.storage import SearchError
 
-# Fraction: the 3-seed sample standard deviation of final-epoch test accuracy measured on the 2-core CPU (README,
-# docs/search.md) was 0.05 points for `micro` (4,582 params), 0.10 for pareto-cpu2's trial 42 (3,682) and 0.07 for
-# default-cpu4's trial 72 (15,178): the largest of the three, 0.1 points, is the spread until the study has its own.
+# Fraction: the largest 3-seed sample standard deviation of final-epoch test accuracy among the certified networks
+# in the README's table (docs/search.md has their commands), the spread until the study has its own.
 SEED_SPREAD = 0.001
 SPREAD_MIN_GROUPS = 3  # networks trained with two or more seeds in the study before its own spread replaces it
 

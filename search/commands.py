@@ -55,6 +55,14 @@ def check_command(target: str, max_params: int = RULES.max_params):
     return net, judge_target(net, max_params)
 
 
+def check_with_resources(target: str, max_params: int = RULES.max_params):
+    """`check`: (the network, its verdict, its int8 resource figures: models/resources.py)."""
+    from models.resources import resources_of
+
+    net, verdict = check_command(target, max_params)
+    return net, verdict, resources_of(net, verdict)
+
+
 def open_study(study: str, storage: Optional[str], results_dir: str):
     """The stored study, and its results folder checked writable and owned by its storage (best and report write
     there)."""

@@ -154,18 +154,24 @@ def test_no_download_is_tried_where_it_cannot_write(tmp_path, monkeypatch):
 
 
 def test_a_mirror_that_does_not_answer_is_given_up_on_in_the_probe_time(monkeypatch):
+    import threading
     import time
 
     from search import download
 
     monkeypatch.setattr(download, "DOWNLOAD_PROBE_S", 0.2)
+    released = threading.Event()  # the mirror hangs until the test has its answer
+
     def hung_lookup(*args, **kwargs):
-        time.sleep(1.5)
+        released.wait(30)
         raise OSError("answered too late")
 
     monkeypatch.setattr(download.socket, "create_connection", hung_lookup)
     start = time.perf_counter()
-    why = download._unreachable("https://example.invalid/mnist/")
+    try:
+        why = download._unreachable("https://example.invalid/mnist/")
+    finally:
+        released.set()
     assert why == "example.invalid:443 did not answer within 0.2 s" and time.perf_counter() - start < 1
 
 
