@@ -81,6 +81,6 @@ class Budget:
 
 def target_name(metric: str) -> str:
     """The trial parameter a pareto search draws its size target under: `param_target` for parameters (as every
-    study before these budgets), `<attr>_target` for the others (the front descent and evolution, which rewrite
-    `param_target` as a parameter count, leave those trials alone)."""
+    study before these budgets), `<attr>_target` for the others. Evolution's children carry their own figure under
+    this name (search/evolution.py); front descent shrinks parameter targets only, so it leaves those studies alone."""
     return "param_target" if metric == "params" else f"{ATTRS[metric]}_target"

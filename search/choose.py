@@ -11,7 +11,8 @@ import statistics
 
 import optuna
 
-from search.record import (Outcome, TrialRecord, candidates, pareto_front, records, smallest_reaching)
+from search.record import (Outcome, TrialRecord, candidates, pareto_front, records, smallest_reaching,
+                           study_size_metric)
 from search.storage import SearchError
 
 # Fraction: the largest 3-seed sample standard deviation of final-epoch test accuracy among the certified networks
@@ -87,7 +88,7 @@ def pick_winner(study: optuna.Study, trial_number: int | None = None, target: fl
         raise SearchError(f"study {study.study_name!r} has no completed trial within the budget yet "
                           f"({counts} trials stored); run search until one completes")
     if target is not None:
-        smallest = smallest_reaching(done, target)
+        smallest = smallest_reaching(done, target, study_size_metric(study))
         if smallest is None:
             top = max(r.values[0] for r in done)
             raise SearchError(f"no completed trial reached {target:.2%} validation accuracy (the best has {top:.2%}); "
@@ -102,7 +103,7 @@ def front_to_certify(study: optuna.Study, floor: float) -> list[TrialRecord]:
     if not done:
         raise SearchError(f"study {study.study_name!r} has no completed trial within the budget yet; run search "
                           "until one completes")
-    front = [r for r in pareto_front(done) if r.values[0] >= floor]
+    front = [r for r in pareto_front(done, study_size_metric(study)) if r.values[0] >= floor]
     if not front:
         top = max(r.values[0] for r in done)
         raise SearchError(f"no trial on the front reached the floor of {floor:.2%} validation accuracy (the best has "

@@ -30,6 +30,7 @@ from typing import Callable
 from models.budget import count_params
 from models.spec import SpecError
 from search.choose import accuracy, runs_of, seed_spread, smallest_within_spread
+from search.budgets import Budget, figure_function, target_name
 from search.record import TrialRecord
 from search.space import ACCURACY_CHANNELS, PARETO_CHANNELS, decode, encode, mutations
 
@@ -60,15 +61,18 @@ def population(records: list[TrialRecord], pareto: bool) -> list[TrialRecord]:
     return sorted(members, key=lambda r: (r.trial.datetime_complete, r.number))[-POPULATION:]
 
 
-def front(members: list[TrialRecord], runs: dict[int, list[float]], spread: float) -> tuple[list, list]:
-    """(the front, its members that only a tie displaces): `a` displaces `b` when it has no more parameters and no
-    lower accuracy (one of them strictly better), and is ahead by `spread` or more, or `b` has been re-run."""
+def front(members: list[TrialRecord], runs: dict[int, list[float]], spread: float,
+          metric: str = "params") -> tuple[list, list]:
+    """(the front, its members that only a tie displaces): `a` displaces `b` when it has no more of `metric` (the
+    study's size metric) and no lower accuracy (one of them strictly better), and is ahead by `spread` or more, or
+    `b` has been re-run."""
     kept, tied = [], []
     for b in members:
         acc_b, beaten, tie = accuracy(b, runs), False, False
         for a in members:
             acc_a = accuracy(a, runs)
-            if a is b or a.n_params > b.n_params or acc_a < acc_b or (a.n_params == b.n_params and acc_a == acc_b):
+            size_a, size_b = a.size(metric), b.size(metric)
+            if a is b or size_a > size_b or acc_a < acc_b or (size_a == size_b and acc_a == acc_b):
                 continue
             if acc_a - acc_b >= spread or len(runs.get(b.number, ())) >= 2:
                 beaten = True
@@ -81,15 +85,16 @@ def front(members: list[TrialRecord], runs: dict[int, list[float]], spread: floa
     return kept, tied
 
 
-def tournament(members: list[TrialRecord], runs: dict, levels: list[float], rng: random.Random) -> TrialRecord:
+def tournament(members: list[TrialRecord], runs: dict, levels: list[float], rng: random.Random,
+               metric: str = "params") -> TrialRecord:
     """The parent among TOURNAMENT sampled front members: the smallest at the highest level one of them reached,
     or the most accurate where none reached a level."""
     sample = rng.sample(members, min(TOURNAMENT, len(members)))
     for level in sorted(levels, reverse=True):
         reached = [r for r in sample if accuracy(r, runs) >= level]
         if reached:
-            return min(reached, key=lambda r: (r.n_params, -accuracy(r, runs), r.number))
-    return max(sample, key=lambda r: (accuracy(r, runs), -r.n_params, -r.number))
+            return min(reached, key=lambda r: (r.size(metric), -accuracy(r, runs), r.number))
+    return max(sample, key=lambda r: (accuracy(r, runs), -r.size(metric), -r.number))
 
 
 def rerun_step(records: list[TrialRecord], tied: list[TrialRecord], seed: int) -> tuple[dict, dict] | None:
@@ -102,11 +107,14 @@ def rerun_step(records: list[TrialRecord], tied: list[TrialRecord], seed: int) -
 
 
 def child_step(parent: TrialRecord, pareto: bool, max_params: int, rng: random.Random,
-               known: set) -> tuple[dict, dict] | None:
-    """(params, user_attrs) of a random one-change child of `parent` within the budget, or None."""
+               known: set, budget: Budget | None = None) -> tuple[dict, dict] | None:
+    """(params, user_attrs) of a random one-change child of `parent` under `max_params` and every bound of `budget`,
+    or None. In a pareto search the child's size target is its own figure of the budget's size metric, so that the
+    space fits it no further."""
     channels = PARETO_CHANNELS if pareto else ACCURACY_CHANNELS
+    metric = budget.size_metric if budget is not None else "params"
     try:
-        base = encode(parent.spec, parent.config, param_target=pareto)
+        base = encode(parent.spec, parent.config, param_target=pareto, size_metric=metric)
     except ValueError:  # a repaired or hand-made spec outside the space: no child of it
         return None
     options = mutations(base, channels, fewer=not pareto)
@@ -117,17 +125,18 @@ def child_step(parent: TrialRecord, pareto: bool, max_params: int, rng: random.R
         except SpecError:
             continue  # a pool moved where the map would shrink below 1x1
         n_params = count_params(spec)
-        if n_params >= max_params:
+        if n_params >= max_params or (budget is not None and not budget.fits(spec)):
             continue
-        if pareto:
-            params = {**params, "param_target": n_params}  # fit_widths leaves a spec of its own target as it is
+        if pareto:  # fit_widths leaves a spec of its own target as it is
+            params = {**params, target_name(metric): figure_function(metric)(spec)}
         if _frozen(params) not in known:
             return params, {"parent": parent.number, "mutation": what}
     return None
 
 
 def next_step(records: list[TrialRecord], pareto: bool, levels: list[float], seed: int, max_params: int,
-              rng: random.Random, descend: Callable[[], tuple | None] | None = None) -> tuple[dict, dict] | None:
+              rng: random.Random, descend: Callable[[], tuple | None] | None = None,
+              budget: Budget | None = None) -> tuple[dict, dict] | None:
     """(params, user_attrs) of the step to queue now, or None: a re-run of a tied front member first, else, in
     turns with front descent where `descend` gives its step (search/descent.py), a child of the parent."""
     if not slot_free(records):
@@ -137,7 +146,8 @@ def next_step(records: list[TrialRecord], pareto: bool, levels: list[float], see
     if not members:
         return descend() if descend else None
     runs, spread = runs_of(done), seed_spread(done)[0]
-    kept, tied = front(members, runs, spread)
+    metric = budget.size_metric if budget is not None else "params"
+    kept, tied = front(members, runs, spread, metric)
     step = rerun_step(records, tied, seed)
     if step is not None:
         return step
@@ -145,9 +155,9 @@ def next_step(records: list[TrialRecord], pareto: bool, levels: list[float], see
     descent_first = descend is not None and (last is None or last.shrunk_from is None)
     if descent_first and (step := descend()) is not None:
         return step
-    parent = tournament(kept, runs, levels, rng) if pareto else smallest_within_spread(done)[0]
+    parent = tournament(kept, runs, levels, rng, metric) if pareto else smallest_within_spread(done)[0]
     known = {_frozen(r.params) for r in records}
-    step = child_step(parent, pareto, max_params, rng, known)
+    step = child_step(parent, pareto, max_params, rng, known, budget)
     if step is None and descend is not None and not descent_first:
         return descend()
     return step

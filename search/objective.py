@@ -248,10 +248,10 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
             if why:
                 stop_reason.append(why)
                 return True
-        return pareto_should_prune(trials, trial.number, c.n_params, record.epoch, record.val_acc,
+        return pareto_should_prune(trials, trial.number, _size(opts, w, c), record.epoch, record.val_acc,
                                    images_seen=record.epoch * len(ctx.data[1]),
                                    descendant=trial.user_attrs.get("shrunk_from", trial.user_attrs.get("parent"))
-                                   is not None)
+                                   is not None, metric=opts.size_metric)
 
     start = time.perf_counter()
     try:

@@ -57,11 +57,12 @@ def rungs(epochs: int) -> list[int]:
     return out
 
 
-def pareto_should_prune(trials: list[FrozenTrial], number: int, n_params: int, epoch: int, val_acc: float,
-                        images_seen: int = 0, descendant: bool = False) -> bool:
+def pareto_should_prune(trials: list[FrozenTrial], number: int, size: float, epoch: int, val_acc: float,
+                        images_seen: int = 0, descendant: bool = False, metric: str = "params") -> bool:
     """Successive halving for the accuracy/size front.
 
-    At each rung a trial competes only with the trials that could dominate it: those with no more parameters that
+    At each rung a trial competes only with the trials that could dominate it: those no larger by `metric` (the
+    study's --size-metric; `size` is this trial's figure of it) that
     reached the same epoch. It goes on if it is in the top third of them and itself (the best, while there are fewer
     than five rivals), so a small net is never pruned for being less accurate than bigger ones. A trial under
     NOT_LEARNING after `images_seen` >= NOT_LEARNING_IMAGES training images stops whatever its rivals. A
@@ -72,7 +73,7 @@ def pareto_should_prune(trials: list[FrozenTrial], number: int, n_params: int, e
     if descendant and epoch < DESCENDANT_FROM_EPOCH:
         return False
     rivals = sorted((r.history[epoch - 1]["val_acc"] for r in map(TrialRecord, trials)
-                     if r.number != number and (r.n_params if r.n_params is not None else math.inf) <= n_params
+                     if r.number != number and r.size(metric) <= size
                      and len(r.history) >= epoch), reverse=True)
     if not rivals:
         return False

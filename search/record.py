@@ -25,6 +25,7 @@ while it was pending or training; heartbeats or the next run failed it).
 from __future__ import annotations
 
 import json
+import math
 from enum import Enum
 from functools import cached_property
 from typing import Iterable
@@ -33,6 +34,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from models.spec import NetSpec
+from search.budgets import ATTRS
 from search.engine.config import History, TrainConfig
 
 
@@ -88,6 +90,11 @@ class TrialRecord:
     shards = property(lambda self: self.attrs.get("shards"))
     history = property(lambda self: self.attrs.get("history") or [])  # one dict per epoch (EpochRecord's fields)
     has_spec = property(lambda self: "spec" in self.attrs)
+
+    def size(self, metric: str = "params") -> float:
+        """The trial's figure of a size metric (search.budgets.METRICS); inf where it was never stored."""
+        value = self.attrs.get(ATTRS[metric])
+        return math.inf if value is None else value
 
     @property
     def origin(self) -> str:
@@ -178,6 +185,11 @@ def study_target(study: optuna.Study) -> float | None:
     return KNOWN[study_dataset(study)].target if study_dataset(study) in KNOWN else None
 
 
+def study_size_metric(study: optuna.Study) -> str:
+    """The figure a study's front is drawn against: its --size-metric (a study made before it: parameters)."""
+    return (study.user_attrs.get("setup") or {}).get("size_metric", "params")
+
+
 def records(study: optuna.Study, states: Iterable[TrialState] | None = None) -> list[TrialRecord]:
     return [TrialRecord(t) for t in study.get_trials(deepcopy=False, states=tuple(states) if states else None)]
 
@@ -201,17 +213,18 @@ def leaderboard(study: optuna.Study) -> list[TrialRecord]:
     return sorted(candidates(study), key=TrialRecord.rank, reverse=True)
 
 
-def smallest_reaching(done: list[TrialRecord], target: float) -> TrialRecord | None:
-    """The smallest network whose validation accuracy reached `target` (higher accuracy breaks ties)."""
+def smallest_reaching(done: list[TrialRecord], target: float, metric: str = "params") -> TrialRecord | None:
+    """The smallest network by `metric` whose validation accuracy reached `target` (higher accuracy, then fewer
+    parameters, break ties)."""
     reached = [r for r in done if r.values[0] >= target]
-    return min(reached, key=lambda r: (r.n_params, -r.values[0])) if reached else None
+    return min(reached, key=lambda r: (r.size(metric), -r.values[0], r.size())) if reached else None
 
 
-def pareto_front(done: list[TrialRecord]) -> list[TrialRecord]:
-    """The trials no other trial dominates (at least as accurate with no more parameters, better in one), smallest
+def pareto_front(done: list[TrialRecord], metric: str = "params") -> list[TrialRecord]:
+    """The trials no other trial dominates (at least as accurate with no more of `metric`, better in one), smallest
     first: the accuracy/size front."""
     front: list[TrialRecord] = []
-    for r in sorted(done, key=lambda r: (r.n_params, -r.values[0])):
+    for r in sorted(done, key=lambda r: (r.size(metric), -r.values[0], r.size())):
         if not front or r.values[0] > front[-1].values[0]:
             front.append(r)
     return front

@@ -11,7 +11,9 @@ import pandas as pd
 
 from models.budget import analyze
 from models.rules import RULES
-from search.record import (TRAINED, best_of, candidates, outcome_counts, pareto_front, study_dataset, study_target,
+from search.budgets import ATTRS
+from search.record import (TRAINED, best_of, candidates, outcome_counts, pareto_front, study_dataset, study_size_metric,
+                           study_target,
                            trial_frame)
 
 
@@ -32,6 +34,8 @@ class ReportData:
     objective: str = "accuracy"
     front_certified: dict | None = None  # front.json, when `best --front` has run
     dataset: str = "mnist"
+    size_metric: str = "params"  # the x axis of the main figure and the front: the study's --size-metric
+    size_bound: int | None = None  # that metric's bound (--max-params, --max-activation-bytes, ...); None: none given
 
 
 def with_last_accuracy(frame: pd.DataFrame) -> pd.DataFrame:
@@ -54,6 +58,7 @@ def collect(study: optuna.Study, certification: dict | None = None, front: dict 
     if len(frame):
         frame = with_last_accuracy(frame)
     counts = outcome_counts(study)
+    metric = study_size_metric(study)
     setup = study.user_attrs.get("setup", {})
     done = candidates(study)
     best = None
@@ -67,7 +72,9 @@ def collect(study: optuna.Study, certification: dict | None = None, front: dict 
         winner_layers = [dict(row.__dict__) for row in analyze(top.spec).layers]
     n_trained = sum(counts.get(k.value, 0) for k in TRAINED)
     time_spent = float(frame["wall_s"].fillna(0).sum()) if "wall_s" in frame else 0.0
-    return ReportData(study.study_name, frame, counts, n_trained, best, sorted(r.number for r in pareto_front(done)),
+    return ReportData(study.study_name, frame, counts, n_trained, best, sorted(r.number for r in pareto_front(done, metric)),
                       time_spent,
                       winner_layers, winner_spec, certification, setup.get("max_params", RULES.max_params),
-                      study_target(study), setup.get("objective", "accuracy"), front, study_dataset(study))
+                      study_target(study), setup.get("objective", "accuracy"), front, study_dataset(study),
+                      metric, setup.get("max_" + ATTRS[metric].removeprefix("n_"),
+                                        RULES.max_params if metric == "params" else None))

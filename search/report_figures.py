@@ -28,8 +28,7 @@ ERROR_FLOOR_PCT = 0.01
 # labels do not crowd on the log axis and a range of half a decade still has two.
 ERROR_TICKS_PCT = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10, 20, 30, 50, 100)
 # Parameter-count ticks (log axes): 1-2-3-5 steps, written out, where plotly's own log ticks print bare digits.
-PARAM_TICKS = (100, 200, 300, 500, 1_000, 2_000, 3_000, 5_000, 10_000, 20_000, 30_000, 50_000, 100_000, 200_000,
-               300_000, 500_000, 1_000_000)
+PARAM_TICKS = tuple(m * 10**e for e in range(1, 9) for m in (1, 2, 3, 5))  # 10 to 500,000,000: MACs reach millions
 MARGIN = 1.4  # the axis reaches this factor past the extreme points (log axes), so no marker sits on the edge
 OUTCOME_SYMBOLS = {Outcome.COMPLETED: "circle", Outcome.PRUNED: "x", Outcome.FAILED: "square-open"}
 
@@ -74,59 +73,72 @@ def trained_points(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["outcome"].isin([o.value for o in TRAINED]) & frame["val_acc"].notna()]
 
 
+# The main figure's x axis by --size-metric: (trial_frame column, axis title, unit in hovers and the budget label).
+SIZE_AXES = {"params": ("n_params", "parameters", "parameters"), "macs": ("macs", "MACs per image", "MACs"),
+             "activation-bytes": ("activation_bytes", "peak activation memory, int8 bytes", "bytes"),
+             "model-bytes": ("model_bytes", "int8 model size, bytes", "bytes")}
+
+
 def _accuracy_scatter(part: pd.DataFrame, name: str, marker: dict, accuracy_column: str = "val_acc",
-                      mode: str = "markers", **extra) -> go.Scatter:
-    return go.Scatter(x=part["n_params"], y=error_pct(part[accuracy_column]), mode=mode, name=name, marker=marker,
+                      mode: str = "markers", metric: str = "params", **extra) -> go.Scatter:
+    column, _, unit = SIZE_AXES[metric]
+    return go.Scatter(x=part[column], y=error_pct(part[accuracy_column]), mode=mode, name=name, marker=marker,
                       customdata=np.stack([part["number"], part[accuracy_column] * 100], axis=-1),
-                      hovertemplate="trial %{customdata[0]}<br>%{x:,} parameters<br>accuracy %{customdata[1]:.2f}%"
+                      hovertemplate=f"trial %{{customdata[0]}}<br>%{{x:,}} {unit}<br>accuracy %{{customdata[1]:.2f}}%"
                                     "<extra></extra>", **extra)
 
 
-def _rejected_strip(fig: go.Figure, rejected: pd.DataFrame) -> None:
-    """The candidates the budget checker refused, at their parameter counts in a row of their own: never trained, so
+def _rejected_strip(fig: go.Figure, rejected: pd.DataFrame, metric: str = "params") -> None:
+    """The candidates the budget checker refused, at their size figures in a row of their own: never trained, so
     they have no accuracy to place them by."""
-    counted = rejected[rejected["n_params"].notna()]
-    fig.add_trace(go.Scatter(x=counted["n_params"], y=[0] * len(counted), mode="markers",
+    column, _, unit = SIZE_AXES[metric]
+    counted = rejected[rejected[column].notna()]
+    fig.add_trace(go.Scatter(x=counted[column], y=[0] * len(counted), mode="markers",
                              name=f"rejected, never trained ({len(rejected)})",
                              marker={"symbol": "triangle-down", "color": "grey", "size": 10},
                              customdata=np.stack([counted["number"], counted["reason"]], axis=-1),
-                             hovertemplate="trial %{customdata[0]}: %{x:,} parameters<br>%{customdata[1]}"
+                             hovertemplate=f"trial %{{customdata[0]}}: %{{x:,}} {unit}<br>%{{customdata[1]}}"
                                            "<extra></extra>"), row=2, col=1)
     uncounted = len(rejected) - len(counted)
     if uncounted:
-        fig.add_annotation(text=f"{uncounted} more rejected with no parameter count", xref="x2 domain", x=0.01,
+        fig.add_annotation(text=f"{uncounted} more rejected with no {unit} figure", xref="x2 domain", x=0.01,
                            yref="y2", y=0.6, showarrow=False, xanchor="left", font={"size": 12})
 
 
 def fig_params_vs_accuracy(data: ReportData) -> go.Figure:
-    """Every trained trial by parameters and validation error, the front, the certified test accuracies, the budget
-    and target lines; below, the rejected candidates. Trained trials with no accuracy to draw are counted above."""
-    f = data.frame
+    """Every trained trial by size (parameters, or the study's --size-metric) and validation error, the front, the
+    certified test accuracies, the budget and target lines; below, the rejected candidates. Trained trials with no
+    accuracy to draw are counted above."""
+    f, metric = data.frame, data.size_metric
+    column, title, _ = SIZE_AXES[metric]
     trained, rejected = trained_points(f), f[f["outcome"] == Outcome.REJECTED]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.84, 0.16], vertical_spacing=0.03)
     for outcome, symbol in OUTCOME_SYMBOLS.items():
         part = trained[trained["outcome"] == outcome]
         if len(part):
-            fig.add_trace(_accuracy_scatter(part, outcome.value, {"symbol": symbol, "size": 9}), row=1, col=1)
-    front = trained[trained["number"].isin(data.pareto)].sort_values("n_params")
+            fig.add_trace(_accuracy_scatter(part, outcome.value, {"symbol": symbol, "size": 9}, metric=metric),
+                          row=1, col=1)
+    front = trained[trained["number"].isin(data.pareto)].sort_values(column)
     if len(front):
         fig.add_trace(_accuracy_scatter(front, "Pareto front", {"size": 13, "symbol": "star", "color": "#AB63FA"},
-                                        mode="lines+markers", line={"dash": "dot"}), row=1, col=1)
+                                        mode="lines+markers", metric=metric, line={"dash": "dot"}), row=1, col=1)
     certified = pd.DataFrame((data.front_certified or {}).get("entries", []))
     if len(certified):  # the front's test accuracy, retrained on 60,000 images: mean and spread over seeds
         certified = certified.rename(columns={"trial": "number"})
+        if column not in certified:  # front.json keeps parameters; the other figures are the trials'
+            certified = certified.merge(f[["number", column]], on="number", how="left")
         fig.add_trace(_accuracy_scatter(
             certified, f"certified test accuracy ({seeds_text(data.front_certified['seeds'])})",
             {"size": 11, "symbol": "diamond", "color": "#FFA15A"}, accuracy_column="test_acc_mean",
-            mode="lines+markers", line={"dash": "dash"},
+            mode="lines+markers", metric=metric, line={"dash": "dash"},
             error_y={"type": "data", "array": certified["test_acc_std"] * 100}), row=1, col=1)
     if len(rejected):
-        _rejected_strip(fig, rejected)
+        _rejected_strip(fig, rejected, metric)
     _budget_and_target(fig, data)
     target_error = [100 - data.target * 100] if data.target is not None else []
     y_axis = error_axis(error_pct(trained["val_acc"]),
                         [*error_pct(certified["test_acc_mean"]), *target_error] if len(certified) else target_error)
-    x_values = [*f["n_params"], data.max_params]
+    x_values = [*f[column], *([data.size_bound] if data.size_bound else [])]
     missing = len(f[f["outcome"].isin([o.value for o in TRAINED]) & f["val_acc"].isna()])
     if missing:  # said on the figure itself (the page replaces a figure's title with its heading)
         fig.add_annotation(text=f"{missing} trained trial(s) not drawn: no validation accuracy measured (still "
@@ -135,18 +147,20 @@ def fig_params_vs_accuracy(data: ReportData) -> go.Figure:
     fig.update_layout(height=620, yaxis=y_axis, legend={"orientation": "h", "y": -0.14},
                       margin={"t": 60 if missing else 30})  # room for that line above the plot (px)
     fig.update_xaxes(**parameter_axis(x_values))
-    fig.update_xaxes(title="parameters (log scale)", row=2, col=1)
+    fig.update_xaxes(title=f"{title} (log scale)", row=2, col=1)
     fig.update_yaxes(range=[-1, 1], tickvals=[0], ticktext=["rejected"], row=2, col=1)
     return fig
 
 
 def _budget_and_target(fig: go.Figure, data: ReportData) -> None:
-    """The budget as a line through both rows, labelled at the top, left of it; the target as a line across,
-    labelled at the left, above it (annotations on a log axis take log10 coordinates)."""
-    fig.add_vline(x=data.max_params, line={"color": "red", "dash": "dash"}, row="all", col=1)
-    fig.add_annotation(x=math.log10(data.max_params), xref="x", y=1.0, yref="y domain", xanchor="right",
-                       yanchor="top", text=f"budget: fewer than {data.max_params:,} ", showarrow=False,
-                       font={"color": "red"})
+    """The size metric's bound as a line through both rows, labelled at the top, left of it; the target as a line
+    across, labelled at the left, above it (annotations on a log axis take log10 coordinates)."""
+    if data.size_bound:
+        unit = SIZE_AXES[data.size_metric][2]
+        fig.add_vline(x=data.size_bound, line={"color": "red", "dash": "dash"}, row="all", col=1)
+        fig.add_annotation(x=math.log10(data.size_bound), xref="x", y=1.0, yref="y domain", xanchor="right",
+                           yanchor="top", text=f"budget: fewer than {data.size_bound:,} {unit} ", showarrow=False,
+                           font={"color": "red"})
     if data.target is not None:
         target_error = 100 - data.target * 100
         fig.add_hline(y=target_error, line={"color": "green", "dash": "dash"}, row=1, col=1)

@@ -177,7 +177,7 @@ class Bookkeeping:
         descend = (lambda: next_descent(self.tally.descent_records(), levels)) if levels else None
         rng = random.Random(f"{self.opts.seed}:{trial.number}")  # the same study state, the same step
         step = next_step(self.tally.evolution_records(), self.opts.objective == "pareto", levels, self.opts.seed,
-                         self.opts.max_params, rng, descend)
+                         self.opts.max_params, rng, descend, self.opts.budget)
         if step is not None:
             study.enqueue_trial(step[0], user_attrs=step[1], skip_if_exists=True)
 

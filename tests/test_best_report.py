@@ -131,12 +131,23 @@ def test_report_data_and_page(tiny_study):
 
 
 def test_pareto_front():
-    from types import SimpleNamespace
+    from optuna.trial import create_trial
 
-    points = [SimpleNamespace(number=n, values=[acc], n_params=p) for n, acc, p in
-              [(0, 0.99, 5000), (1, 0.98, 6000), (2, 0.995, 9000), (3, 0.97, 3000), (4, 0.99, 5000), (5, 0.995, 9500)]]
+    from search.record import TrialRecord
+
+    def point(n, acc, params, activation_bytes):
+        trial = create_trial(values=[acc, float(params)],
+                             user_attrs={"n_params": params, "activation_bytes": activation_bytes})
+        trial.number = n
+        return TrialRecord(trial)
+
+    points = [point(n, acc, p, a) for n, acc, p, a in
+              [(0, 0.99, 5000, 2000), (1, 0.98, 6000, 1500), (2, 0.995, 9000, 2400), (3, 0.97, 3000, 2200),
+               (4, 0.99, 5000, 2000), (5, 0.995, 9500, 2300)]]
     # Smallest first; 1 is dominated by 0, 5 by 2, and 4 ties 0 (one of them stands for that point).
     assert [r.number for r in pareto_front(points)] == [3, 0, 2]
+    # Against peak activation memory: 1 is now the smallest, 3 is dominated by 0, and 5 dominates 2.
+    assert [r.number for r in pareto_front(points, "activation-bytes")] == [1, 0, 5]
 
 
 def test_report_of_an_empty_study_says_so(tmp_path):

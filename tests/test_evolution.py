@@ -110,6 +110,43 @@ def test_a_child_is_an_ordinary_trial_of_the_space_within_the_budget():
     assert child_step(parent, pareto=True, max_params=3_000, rng=random.Random(0), known=set()) is None
 
 
+def test_under_a_microcontroller_budget_a_child_fits_every_bound_and_keeps_its_own_size_target():
+    from search.budgets import Budget, figures
+    from search.evolution import child_step
+
+    budget = Budget({"params": 20_000, "activation-bytes": 2_500, "model-bytes": 4_500}, "activation-bytes")
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    study = optuna.create_study(sampler=sampler)
+    spec = None
+    while spec is None or not budget.fits(spec):
+        spec, _ = space.suggest(study.ask(), param_target=True, budget=budget)
+    parent = done(5, count_params(spec), 0.98, spec=spec, activation_bytes=figures(spec)["activation-bytes"])
+    children = [child_step(parent, pareto=True, max_params=20_000, rng=random.Random(seed), known=set(),
+                           budget=budget) for seed in range(10)]
+    assert all(c is not None for c in children)
+    for params, attrs in children:
+        # The pareto space's own suggest under the budget, with the child's target, makes exactly the child: the
+        # target is the child's own peak activation memory, not a parameter count the space would ignore.
+        child, _ = space.suggest(optuna.trial.FixedTrial(params), param_target=True, budget=budget)
+        assert budget.fits(child), attrs["mutation"]
+        assert params["activation_bytes_target"] == figures(child)["activation-bytes"], attrs["mutation"]
+        assert "param_target" not in params
+
+
+def test_the_front_of_a_size_metric_study_is_drawn_against_that_metric():
+    from search.evolution import front
+    from search.record import pareto_front
+
+    # Fewer parameters but more activation memory: on the activation front the larger net dominates.
+    few_params = done(0, 2_000, 0.980, activation_bytes=2_400)
+    little_memory = done(1, 3_000, 0.985, activation_bytes=1_500)
+    assert [r.number for r in pareto_front([few_params, little_memory])] == [0, 1]
+    assert [r.number for r in pareto_front([few_params, little_memory], "activation-bytes")] == [1]
+    runs = {0: [0.980], 1: [0.985]}
+    assert [r.number for r in front([few_params, little_memory], runs, 0.001, "activation-bytes")[0]] == [1]
+    assert [r.number for r in front([few_params, little_memory], runs, 0.001)[0]] == [0, 1]
+
+
 # ---- population, tournament, ties ----------------------------------------------------------------------------
 
 def test_the_tournament_picks_only_front_members_within_the_age_window():

@@ -65,10 +65,25 @@ def test_every_trained_trial_lies_inside_the_axes_and_the_rejected_are_drawn(tin
     assert all(inside(math.log10(x), layout.xaxis2.range) for x in strip.x)
     # The budget and target lines, labelled, their labels inside the axes (log axes: log10 coordinates).
     labels = {a.text.strip(): a for a in layout.annotations}
-    assert inside(labels["budget: fewer than 6,000"].x, layout.xaxis.range)
+    assert inside(labels["budget: fewer than 6,000 parameters"].x, layout.xaxis.range)
     assert inside(labels["target 99.4%"].y, layout.yaxis.range)
     assert labels["target 99.4%"].y == pytest.approx(math.log10(0.6))
     assert [s.x0 for s in layout.shapes if s.line.color == "red"] == [6_000, 6_000]  # through both rows
+
+
+def test_a_study_of_another_size_metric_is_drawn_against_that_metric(tiny_study):
+    _, study = tiny_study
+    data = collect(study)
+    data.size_metric, data.size_bound = "activation-bytes", 40_000  # as a --size-metric activation-bytes study
+    fig = fig_params_vs_accuracy(data)
+    trained = data.frame[data.frame["outcome"] == "completed"]
+    drawn = sorted(x for t in traces(fig, "completed") for x in t.x)
+    assert drawn == sorted(trained["activation_bytes"]) and drawn != sorted(trained["n_params"])
+    assert fig.layout.xaxis2.title.text == "peak activation memory, int8 bytes (log scale)"
+    labels = {a.text.strip(): a for a in fig.layout.annotations}
+    assert inside(labels["budget: fewer than 40,000 bytes"].x, fig.layout.xaxis.range)
+    [strip] = traces(fig, "rejected, never trained")
+    assert sorted(strip.x) == sorted(data.frame[data.frame["outcome"] == "rejected"]["activation_bytes"])
 
 
 def test_the_certified_front_is_drawn_inside_the_axes_in_percent(tiny_study):
