@@ -73,11 +73,14 @@ FACTORS = {
     # Added after the runs stored in docs/recipe-runs.csv, so that their order in the plan stays as it was.
     "ema": [0.99, 0.999],  # decay per step of the weight average evaluated (TrainConfig.ema); the default is off
     "momentum": [0.8, 0.95],  # SGD's Nesterov momentum (default 0.9), under WITH's schedule
+    # The engine's arithmetic: float32 where the default, on a CPU with native bfloat16 (or CUDA), autocasts the
+    # convs to bfloat16; on other CPUs "auto" is already float32 and this run repeats the default's arithmetic.
+    "precision": ["fp32"],
 }
 # What a factor's values come with: OneCycle sets the momentum itself (TrainConfig), so the momentum factor runs
 # under the cosine schedule and is judged against the cosine schedule at the default momentum, a screened run.
 WITH = {"momentum": {"schedule": "cosine"}}
-MODEL_FACTORS = ("dropout", "bn_momentum", "shards", "init")
+MODEL_FACTORS = ("dropout", "bn_momentum", "shards", "init", "precision")
 DEFAULT = "default"
 # Named recipes, sets of changes for the engine-against-plain-PyTorch comparison (benchmarks/plain_pytorch.py).
 # "published": #27's hand-made recipe for a 3,762-parameter net, as far as the engine expresses it: SGD without
@@ -186,7 +189,7 @@ def train_run(layout: str, changes: dict, seed: int, epochs: int, data: tuple, d
     model, cfg, shards, n_params = make_run(layout, changes, seed, epochs)
     start = time.perf_counter()
     history = fit(model, None, None, cfg, device=device, data_on_device=data, progress=False, shards=shards,
-                  reset_weights="init" not in changes)
+                  reset_weights="init" not in changes, precision=changes.get("precision", "auto"))
     curve = [e.val_acc for e in history.epochs]
     return {"layout": layout, "n_params": n_params, "recipe": recipe_name(changes), "changes": json.dumps(changes),
             "seed": seed, "status": history.status, "epochs": len(curve),
@@ -228,9 +231,16 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="train at most this many runs in this call")
     parser.add_argument("--subset", type=int, default=None, help="train on the first N training images (tests)")
     parser.add_argument("--val", type=int, default=None, help="evaluate on the first N validation images (tests)")
+    parser.add_argument("--factors", default=None,
+                        help="comma-separated: screen only these factors now, in the plan's order (of "
+                             f"{', '.join(FACTORS)}); the default recipe's runs come first [default: every factor]")
     parser.add_argument("--device", default="auto")
     add_data_dir(parser)
     args = parser.parse_args()
+    only = None if args.factors is None else set(args.factors.split(","))
+    if only is not None and not only <= set(FACTORS):
+        parser.error(f"--factors {args.factors}: {', '.join(sorted(only - set(FACTORS)))} is not a factor; "
+                     f"the factors are {', '.join(FACTORS)}")
     device, train, val, data = split_on_device(args.device, args.data_dir, args.subset, args.val)
     setup = f"epochs={args.epochs} train={len(train)} val={len(val)}"
     path = Path(args.runs)
@@ -241,7 +251,8 @@ def main() -> None:
         with stop_at_safe_points():
             while args.limit is None or trained < args.limit:
                 keys = set(zip(done.layout, done.recipe, done.seed)) if len(done) else set()
-                todo = [r for r in planned_runs(done, args.seeds) if (r[0], recipe_name(r[1]), r[2]) not in keys]
+                todo = [r for r in planned_runs(done, args.seeds) if (r[0], recipe_name(r[1]), r[2]) not in keys
+                        and (only is None or not r[1] or set(r[1]) & only)]
                 if not todo:
                     break
                 layout, changes, seed = todo[0]

@@ -54,12 +54,24 @@ def test_fidelity_reads_the_full_length_curves_of_stored_searches(data_root, tmp
     assert f"nets: {under} under 8,000 parameters, {3 - under} at or over" in out.stdout
 
 
-def run_recipe(data_root, runs, limit: int) -> str:
+def run_recipe(data_root, runs, limit: int, *extra: str, returncode: int = 0) -> str:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "recipe.py"), "--runs", str(runs), "--epochs",
                           "1", "--subset", "256", "--val", "256", "--limit", str(limit), "--device", "cpu",
-                          "--data-dir", str(data_root)], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
+                          "--data-dir", str(data_root), *extra], capture_output=True, text=True, timeout=600)
+    assert out.returncode == returncode, out.stderr
+    return out.stdout if returncode == 0 else out.stderr
+
+
+def test_recipe_benchmark_screens_only_the_factors_named_and_trains_fp32_when_asked(data_root, tmp_path):
+    runs = tmp_path / "runs.csv"
+    run_recipe(data_root, runs, 4, "--factors", "precision")
+    stored = pd.read_csv(runs)
+    # The three defaults, then the first run of the named factor, skipping every factor before it in the plan.
+    assert list(zip(stored.layout, stored.recipe)) == [("p3702", "default"), ("p2510", "default"),
+                                                         ("micro", "default"), ("p3702", "precision=fp32")]
+    assert stored.precision.iloc[3] == "fp32"
+    refused = run_recipe(data_root, runs, 1, "--factors", "precision,colour", returncode=2)
+    assert "--factors precision,colour: colour is not a factor" in refused and "Traceback" not in refused
 
 
 def test_recipe_benchmark_screens_in_order_and_resumes_without_training_a_run_twice(data_root, tmp_path):
