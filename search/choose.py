@@ -13,6 +13,7 @@ import optuna
 
 from search.record import (Outcome, TrialRecord, candidates, pareto_front, records, smallest_reaching,
                            study_size_metric)
+from search.budgets import describe
 from search.storage import SearchError
 
 # Fraction: the largest 3-seed sample standard deviation of final-epoch test accuracy among the certified networks
@@ -47,26 +48,30 @@ def accuracy(r: TrialRecord, runs: dict[int, list[float]]) -> float:
     return statistics.fmean(runs.get(r.number, [r.values[0]]))
 
 
-def smallest_within_spread(done: list[TrialRecord]) -> tuple[TrialRecord, TrialRecord, float, str]:
-    """(winner, best, spread, where the spread comes from): the winner is the network with the fewest parameters
-    whose accuracy is within the seed spread of the best network's (higher accuracy, then the lower number, break
-    ties); re-runs count with their original, never alone."""
+def smallest_within_spread(done: list[TrialRecord], metric: str = "params") -> tuple[TrialRecord, TrialRecord,
+                                                                                    float, str]:
+    """(winner, best, spread, where the spread comes from): the winner is the network smallest by `metric` (the
+    study's size metric: parameters unless a pareto search was given another) whose accuracy is within the seed
+    spread of the best network's (higher accuracy, then the lower number, break ties); re-runs count with their
+    original, never alone."""
     runs = runs_of(done)
     spread, source = seed_spread(done)
     nets = [r for r in done if r.number in runs]
     top = max(nets, key=lambda r: (accuracy(r, runs), -(r.n_params or 0), -r.number))
     bar = accuracy(top, runs) - spread - 1e-12  # a figure exactly `spread` under the best is within it
     within = [r for r in nets if accuracy(r, runs) >= bar]
-    winner = min(within, key=lambda r: (r.n_params or 0, -accuracy(r, runs), r.number))
+    winner = min(within, key=lambda r: (r.size(metric), -accuracy(r, runs), r.number))
     return winner, top, spread, source
 
 
-def winner_line(done: list[TrialRecord]) -> str:
+def winner_line(done: list[TrialRecord], metric: str = "params") -> str:
     """The winner rule in words, for `best` and the leaderboard."""
-    winner, top, spread, source = smallest_within_spread(done)
+    winner, top, spread, source = smallest_within_spread(done, metric)
     runs = runs_of(done)
-    return (f"the smallest within {spread * 100:.2g} points ({source}) of the best ({accuracy(top, runs):.2%}): "
-            f"trial {winner.number}, {winner.n_params:,} params, {accuracy(winner, runs):.2%}")
+    by = "" if metric == "params" else f" by {metric}"
+    figure = "" if metric == "params" else f", {describe(metric, winner.size(metric))}"
+    return (f"the smallest{by} within {spread * 100:.2g} points ({source}) of the best ({accuracy(top, runs):.2%}): "
+            f"trial {winner.number}, {winner.n_params:,} params{figure}, {accuracy(winner, runs):.2%}")
 
 
 def pick_winner(study: optuna.Study, trial_number: int | None = None, target: float | None = None) -> TrialRecord:
@@ -94,7 +99,7 @@ def pick_winner(study: optuna.Study, trial_number: int | None = None, target: fl
             raise SearchError(f"no completed trial reached {target:.2%} validation accuracy (the best has {top:.2%}); "
                               "lower --target or search longer")
         return smallest
-    return smallest_within_spread(done)[0]
+    return smallest_within_spread(done, study_size_metric(study))[0]
 
 
 def front_to_certify(study: optuna.Study, floor: float) -> list[TrialRecord]:

@@ -147,6 +147,17 @@ def test_the_front_of_a_size_metric_study_is_drawn_against_that_metric():
     assert [r.number for r in front([few_params, little_memory], runs, 0.001)[0]] == [0, 1]
 
 
+def test_the_winner_of_a_size_metric_study_is_the_smallest_by_that_metric():
+    from search.choose import smallest_within_spread, winner_line
+
+    few_params = done(0, 2_000, 0.9800, activation_bytes=2_400)
+    little_memory = done(1, 3_000, 0.9805, activation_bytes=1_500)
+    assert smallest_within_spread([few_params, little_memory])[0].number == 0
+    assert smallest_within_spread([few_params, little_memory], "activation-bytes")[0].number == 1
+    assert winner_line([few_params, little_memory], "activation-bytes").endswith(
+        "trial 1, 3,000 params, peak activation memory 1,500 bytes, 98.05%")
+
+
 # ---- population, tournament, ties ----------------------------------------------------------------------------
 
 def test_the_tournament_picks_only_front_members_within_the_age_window():
