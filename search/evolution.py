@@ -30,7 +30,7 @@ from typing import Callable
 from models.budget import count_params
 from models.spec import SpecError
 from search.choose import accuracy, runs_of, seed_spread, smallest_within_spread
-from search.budgets import Budget, figure_function, target_name
+from search.budgets import METRICS, Budget, figure_function, target_name
 from search.record import TrialRecord
 from search.space import ACCURACY_CHANNELS, PARETO_CHANNELS, decode, encode, mutations
 
@@ -54,10 +54,16 @@ def slot_free(records: list[TrialRecord]) -> bool:
     return not trained or not is_step(max(trained, key=lambda r: (r.trial.datetime_complete, -r.number)))
 
 
+def has_size_target(params: dict) -> bool:
+    """A pareto trial of the space: its parameters hold a drawn size target, of parameters or of another metric
+    (a hand-made or repaired spec has none, and no child can be made of it)."""
+    return any(target_name(metric) in params for metric in METRICS)
+
+
 def population(records: list[TrialRecord], pareto: bool) -> list[TrialRecord]:
     """The POPULATION completed candidates finished last (re-runs are their original's runs, not members)."""
     members = [r for r in records if r.is_candidate and r.attrs.get("rerun_of") is None
-               and r.trial.datetime_complete is not None and (not pareto or "param_target" in r.params)]
+               and r.trial.datetime_complete is not None and (not pareto or has_size_target(r.params))]
     return sorted(members, key=lambda r: (r.trial.datetime_complete, r.number))[-POPULATION:]
 
 

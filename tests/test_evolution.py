@@ -30,10 +30,14 @@ def _distribution(value):
     return FloatDistribution(0, 1e6) if isinstance(value, float) else IntDistribution(0, 10**6)
 
 
-def done(number: int, n_params: int, val: float, spec=None, curve=None, state=TrialState.COMPLETE, **attrs):
-    """A stored trial, completed `number` minutes after START (so later numbers finished later)."""
+def done(number: int, n_params: int, val: float, spec=None, curve=None, state=TrialState.COMPLETE,
+         size_metric: str = "params", **attrs):
+    """A stored trial, completed `number` minutes after START (so later numbers finished later), of a pareto study
+    whose size targets are of `size_metric`."""
     spec = spec or PRESETS["micro"]
-    params = {**space.encode(spec, TrainConfig(), param_target=True), "param_target": n_params}
+    params = space.encode(spec, TrainConfig(), param_target=True, size_metric=size_metric)
+    if size_metric == "params":
+        params["param_target"] = n_params
     trial = create_trial(state=state, values=[val, float(n_params)] if state == TrialState.COMPLETE else None,
                          params=params, distributions={k: _distribution(v) for k, v in params.items()},
                          user_attrs={"n_params": n_params, "outcome": "completed" if state == TrialState.COMPLETE
@@ -112,7 +116,7 @@ def test_a_child_is_an_ordinary_trial_of_the_space_within_the_budget():
 
 def test_under_a_microcontroller_budget_a_child_fits_every_bound_and_keeps_its_own_size_target():
     from search.budgets import Budget, figures
-    from search.evolution import child_step
+    from search.evolution import child_step, next_step
 
     budget = Budget({"params": 20_000, "activation-bytes": 2_500, "model-bytes": 4_500}, "activation-bytes")
     sampler = optuna.samplers.RandomSampler(seed=0)
@@ -123,6 +127,12 @@ def test_under_a_microcontroller_budget_a_child_fits_every_bound_and_keeps_its_o
     parent = done(5, count_params(spec), 0.98, spec=spec, activation_bytes=figures(spec)["activation-bytes"])
     children = [child_step(parent, pareto=True, max_params=20_000, rng=random.Random(seed), known=set(),
                            budget=budget) for seed in range(10)]
+    # The search's own step: a trial of this study (its target drawn as activation bytes) is a population member.
+    member = done(5, count_params(spec), 0.98, spec=spec, size_metric="activation-bytes",
+                  activation_bytes=figures(spec)["activation-bytes"])
+    assert "param_target" not in member.params
+    step = next_step([member], True, [0.99], seed=0, max_params=20_000, rng=random.Random(0), budget=budget)
+    assert step is not None and step[1]["parent"] == 5 and "activation_bytes_target" in step[0]
     assert all(c is not None for c in children)
     for params, attrs in children:
         # The pareto space's own suggest under the budget, with the child's target, makes exactly the child: the
