@@ -61,16 +61,23 @@ def percent(value: Optional[float]) -> Optional[float]:
 def check(target: Annotated[str, typer.Argument(metavar="TARGET", help=(
               "A preset name, a spec JSON file, or path/to/file.py:ClassName. A module target is imported, and so "
               "RUN: check only files you would run anyway; an import that raises or exits is refused (exit 2)."))],
-          max_params: o.MaxParams = RULES.max_params) -> None:
-    """Count parameters, receptive field and MACs per layer, and judge the network against the rules.
+          max_params: o.MaxParams = RULES.max_params, max_macs: o.MaxMacs = None,
+          max_activation_bytes: o.MaxActivationBytes = None, max_model_bytes: o.MaxModelBytes = None) -> None:
+    """Count parameters, receptive field, MACs and int8 bytes per layer, and judge the network against the rules
+    (and the microcontroller bounds given).
 
     `check path/to/file.py:ClassName` imports that file, running its code, and instantiates the class."""
     from search.commands import check_with_resources
 
+    bounds = {"macs": max_macs, "activation-bytes": max_activation_bytes, "model-bytes": max_model_bytes}
     with exits():
-        net, verdict, resources = check_with_resources(target, max_params)
+        net, verdict, resources, over = check_with_resources(target, max_params, bounds)
     print_check(target, net, verdict, resources)
-    if not verdict.ok:
+    if over:
+        console.print("[bold red]REFUSED[/] by the microcontroller bounds")
+        for reason in over:
+            log(f"  - {reason}")
+    if not verdict.ok or over:
         raise typer.Exit(1)
 
 

@@ -84,3 +84,21 @@ def target_name(metric: str) -> str:
     study before these budgets), `<attr>_target` for the others. Evolution's children carry their own figure under
     this name (search/evolution.py); front descent shrinks parameter targets only, so it leaves those studies alone."""
     return "param_target" if metric == "params" else f"{ATTRS[metric]}_target"
+
+
+# Which Resources field (models/resources.py) holds each figure but parameters, which the verdict counts.
+RESOURCE_FIELDS = {"macs": "macs", "activation-bytes": "peak_activation_bytes", "model-bytes": "int8_bytes"}
+
+
+def resource_refusals(resources, bounds: dict[str, int]) -> list[str]:
+    """One reason per bound (metric -> bound, without params) that a network's measured Resources meet or exceed,
+    or cannot show they meet: a figure that could not be measured is not taken to fit."""
+    reasons = []
+    for metric, bound in bounds.items():
+        value = getattr(resources, RESOURCE_FIELDS[metric]) if resources is not None else None
+        if value is None:
+            reasons.append(f"{_WORDS[metric][0].strip()} not measured, so {option_name(metric)} {bound:,} cannot "
+                           "be judged")
+        elif value >= bound:
+            reasons.append(f"{describe(metric, value)}, at or over {option_name(metric)} {bound:,}")
+    return reasons

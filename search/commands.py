@@ -55,12 +55,20 @@ def check_command(target: str, max_params: int = RULES.max_params):
     return net, judge_target(net, max_params)
 
 
-def check_with_resources(target: str, max_params: int = RULES.max_params):
-    """`check`: (the network, its verdict, its int8 resource figures: models/resources.py)."""
+def check_with_resources(target: str, max_params: int = RULES.max_params, bounds: dict[str, int] | None = None):
+    """`check`: (the network, its verdict, its int8 resource figures (models/resources.py), the reasons it fails
+    the microcontroller `bounds` (metric -> bound, search/budgets.py; exclusive, as the search's))."""
     from models.resources import resources_of
+    from search.budgets import resource_refusals
+    from search.options import MAX_FIGURE
 
+    bounds = {m: b for m, b in (bounds or {}).items() if b is not None}
+    for metric, bound in bounds.items():
+        if not 1 <= bound <= MAX_FIGURE:
+            raise CommandError(f"--max-{metric} {bound}: must be from 1 to {MAX_FIGURE:,}")
     net, verdict = check_command(target, max_params)
-    return net, verdict, resources_of(net, verdict)
+    resources = resources_of(net, verdict)
+    return net, verdict, resources, resource_refusals(resources, bounds)
 
 
 def open_study(study: str, storage: Optional[str], results_dir: str):

@@ -171,6 +171,28 @@ def test_check_prints_the_int8_totals_and_says_what_it_cannot_measure(nets):
     assert "not measured: peak activation memory: layer 'b' reads a tensor" in text
 
 
+def test_check_refuses_a_network_over_a_microcontroller_bound_and_one_it_cannot_measure(nets):
+    # micro: 12,544 bytes of peak activation, 5,060 bytes of int8 model, 1,132,880 MACs (above).
+    out = runner.invoke(app, ["check", "micro", "--max-activation-bytes", "2500", "--max-model-bytes", "6000"])
+    text = " ".join(out.output.split())
+    assert out.exit_code == 1, text
+    assert "REFUSED by the microcontroller bounds" in text
+    assert "peak activation memory 12,544 bytes, at or over --max-activation-bytes 2,500" in text
+    assert "--max-model-bytes" not in text.split("REFUSED by")[1]  # 5,060 is under 6,000: no reason for it
+    # A figure equal to its bound is over it, as in the search; under every bound it passes.
+    assert runner.invoke(app, ["check", "micro", "--max-macs", "1132880"]).exit_code == 1
+    ok = runner.invoke(app, ["check", "micro", "--max-macs", "1132881", "--max-activation-bytes", "12545",
+                             "--max-model-bytes", "5061"])
+    assert ok.exit_code == 0 and "REFUSED" not in ok.output
+    # A module whose peak activation memory cannot be measured is not taken to fit: refused, saying why.
+    out = runner.invoke(app, ["check", f"{nets}:Skip", "--max-activation-bytes", "100000"])
+    text = " ".join(out.output.split())
+    assert out.exit_code == 1
+    assert "peak activation memory not measured, so --max-activation-bytes 100,000 cannot be judged" in text
+    bad = runner.invoke(app, ["check", "micro", "--max-model-bytes", "0"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
 def test_an_int8_drop_over_a_tenth_of_a_point_is_said_plainly():
     from search.quantise import drop_text, drop_warning
 
