@@ -14,7 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.rules import RULES  # noqa: E402
-from search.record import TRAINED, candidates, leaderboard, outcome_counts, records, smallest_reaching  # noqa: E402
+from search.record import (TRAINED, candidates, leaderboard, outcome_counts, records, smallest_reaching,  # noqa: E402
+                           study_size_metric)
 from search.storage import default_storage_url, load_existing_study  # noqa: E402
 
 
@@ -45,7 +46,7 @@ def main() -> None:
     top = leaderboard(study)
     if top:
         print(f"best validation accuracy {top[0].values[0]:.2%} at {top[0].n_params:,} params (trial {top[0].number})")
-        small = smallest_reaching(candidates(study), target)
+        small = smallest_reaching(candidates(study), target, study_size_metric(study))
         if small:
             reached = sum(r.values[0] >= target for r in top)
             print(f"smallest at or above {target:.1%}: {small.n_params:,} params, {small.values[0]:.2%} "

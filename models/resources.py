@@ -183,8 +183,12 @@ def module_resources(module, input_shape=(1, 1, 28, 28), extra_weights: int = 0)
     chain = (f"layer '{unknown[0]}' has no int8 convention" if unknown else None) or _chain_break(calls, image, output)
     peak = None if chain else max((c.activation_bytes for c in layers), default=0)
     payload = None if why else sum(c.int8_bytes for c in layers)
+    # MACs are counted in leaf modules only: work done between them (a functional conv, unregistered weights) would
+    # go uncounted, so where the forward is no plain chain or uses such weights they are not measured either.
+    macs_gap = chain or (why[-1] if extra_weights else None)
     notes = ([f"peak activation memory: {chain}"] if chain else []) + [f"int8 model size: {w}" for w in why]
-    return Resources(tuple(layers), peak, payload, sum(c.macs for c in layers), tuple(notes))
+    notes += [f"MACs: {macs_gap}"] if macs_gap else []
+    return Resources(tuple(layers), peak, payload, None if macs_gap else sum(c.macs for c in layers), tuple(notes))
 
 
 def resources_of(net, verdict) -> Resources:

@@ -18,6 +18,8 @@ from models.resources import spec_resources
 METRICS = ("params", "macs", "activation-bytes", "model-bytes")
 # The user attribute each figure is stored under on a trial (and its trials.csv column).
 ATTRS = {"params": "n_params", "macs": "macs", "activation-bytes": "activation_bytes", "model-bytes": "model_bytes"}
+# Which Resources field (models/resources.py) holds each figure but parameters, which the verdict counts.
+RESOURCE_FIELDS = {"macs": "macs", "activation-bytes": "peak_activation_bytes", "model-bytes": "int8_bytes"}
 # What a refusal calls each figure: (words before the number, unit after it).
 _WORDS = {"params": ("", " parameters"), "macs": ("MACs ", " per image"),
           "activation-bytes": ("peak activation memory ", " bytes"), "model-bytes": ("int8 model size ", " bytes")}
@@ -38,7 +40,7 @@ def figure_function(metric: str) -> Callable[[NetSpec], int]:
     """The function that computes one figure of a spec."""
     if metric == "params":
         return count_params
-    field_of = {"macs": "macs", "activation-bytes": "peak_activation_bytes", "model-bytes": "int8_bytes"}[metric]
+    field_of = RESOURCE_FIELDS[metric]
     return lambda spec: getattr(spec_resources(spec), field_of)
 
 
@@ -85,9 +87,6 @@ def target_name(metric: str) -> str:
     this name (search/evolution.py); front descent shrinks parameter targets only, so it leaves those studies alone."""
     return "param_target" if metric == "params" else f"{ATTRS[metric]}_target"
 
-
-# Which Resources field (models/resources.py) holds each figure but parameters, which the verdict counts.
-RESOURCE_FIELDS = {"macs": "macs", "activation-bytes": "peak_activation_bytes", "model-bytes": "int8_bytes"}
 
 
 def resource_refusals(resources, bounds: dict[str, int]) -> list[str]:

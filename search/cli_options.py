@@ -74,9 +74,10 @@ SearchFloor = _opt(Optional[float], "Pareto: a trial that cannot reach this vali
                                     "epoch 3, judged by the largest gain the study's trials at the floor made after "
                                     f"that epoch [default: the target minus {FLOOR_POINTS}; none without a target].",
                    PERCENT)
-Descend = _opt(bool, "Every other trial at most, an evolution step: a one-change child of a front member (accuracy: "
-                     f"of the incumbent), a tied member re-run; pareto, in turns: shrunk copies ({SHRINKS} of the "
-                     "parameters) of the smallest trial at the target and at the floor.")
+Descend = _opt(Optional[bool], "Every other trial at most, an evolution step: a one-change child of a front member "
+                               "(accuracy: of the incumbent), a tied member re-run; pareto, in turns: shrunk copies "
+                               f"({SHRINKS} of the parameters) of the smallest trial at the target and at the floor "
+                               "[default: on for --objective pareto, off for accuracy].")
 MaxMacs = _opt(Optional[int], "Budget: networks must have fewer MACs per image [default: no bound].",
                "max_figure", "--max-macs")
 MaxActivationBytes = _opt(Optional[int], "Budget: peak activation memory (int8 bytes, batch 1, the 28x28 input "

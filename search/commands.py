@@ -203,6 +203,7 @@ def best_command(study: str, storage: Optional[str], how: Certifying, trial: Opt
 
 def _best(study: str, storage: Optional[str], how: Certifying, trial: Optional[int], target: Optional[float],
           front: bool, floor: Optional[float], epochs: Optional[int], certs: list):
+    from search.budgets import describe
     from search.choose import winner_line
     from search.record import candidates, study_dataset, study_size_metric
     from search.retrain import front_summary, write_best
@@ -211,11 +212,13 @@ def _best(study: str, storage: Optional[str], how: Certifying, trial: Optional[i
     study_obj = open_study(study, storage, how.results_dir)
     check_run_inputs(how.device, how.data_dir, study_dataset(study_obj))
     choice = choose_best(study_obj, trial, target, front, floor, epochs)
+    metric = study_size_metric(study_obj)
     if front:
         how.log(f"certifying the front at or above {choice.floor:.2%} validation: trials " + ", ".join(
-            f"{r.number} ({r.n_params:,} params, {r.values[0]:.2%})" for r in choice.records))
+            f"{r.number} ({r.n_params:,} params{'' if metric == 'params' else ', ' + describe(metric, r.size(metric))}"
+            f", {r.values[0]:.2%})" for r in choice.records))
     elif trial is None and target is None:  # the winner rule, in words
-        how.log("certifying " + winner_line(candidates(study_obj), study_size_metric(study_obj)))
+        how.log("certifying " + winner_line(candidates(study_obj), metric))
     if not front and choice.chosen[0].cfg.epochs < RULES.max_epochs and epochs is None:
         how.log(f"note: trial {choice.records[0].number} was searched with {choice.chosen[0].cfg.epochs} epoch"
                 f"{'s' if choice.chosen[0].cfg.epochs != 1 else ''} and "

@@ -103,10 +103,12 @@ def tournament(members: list[TrialRecord], runs: dict, levels: list[float], rng:
     return max(sample, key=lambda r: (accuracy(r, runs), -r.size(metric), -r.number))
 
 
-def rerun_step(records: list[TrialRecord], tied: list[TrialRecord], seed: int) -> tuple[dict, dict] | None:
-    """(params, user_attrs) re-running the smallest tied member with the next seed, or None if each has one."""
+def rerun_step(records: list[TrialRecord], tied: list[TrialRecord], seed: int,
+               metric: str = "params") -> tuple[dict, dict] | None:
+    """(params, user_attrs) re-running the smallest tied member (by `metric`) with the next seed, or None if each
+    has one."""
     rerun = {r.attrs["rerun_of"] for r in records if r.attrs.get("rerun_of") is not None}
-    for r in sorted(tied, key=lambda r: (r.n_params, r.number)):
+    for r in sorted(tied, key=lambda r: (r.size(metric), r.number)):
         if r.number not in rerun:
             return {**r.params, "seed": seed + 1}, {"rerun_of": r.number, "seed": seed + 1}
     return None
@@ -154,7 +156,7 @@ def next_step(records: list[TrialRecord], pareto: bool, levels: list[float], see
     runs, spread = runs_of(done), seed_spread(done)[0]
     metric = budget.size_metric if budget is not None else "params"
     kept, tied = front(members, runs, spread, metric)
-    step = rerun_step(records, tied, seed)
+    step = rerun_step(records, tied, seed, metric)
     if step is not None:
         return step
     last = max((r for r in records if is_step(r)), key=lambda r: r.number, default=None)

@@ -53,7 +53,9 @@ class SearchOptions:
     dataset: str = "mnist"  # one of search.data.DATASETS
     target: float | None = None  # accuracy (fraction) the report draws and `best --target` means; default: the set's
     floor: float | None = None  # pareto: accuracy (fraction) a trial must be able to reach to go on; default target - 0.4
-    descend: bool = True  # pareto: queue shrunk copies of the smallest trials at the target and the floor
+    # Evolution steps (search/evolution.py) and, in pareto searches, front descent. None: on for pareto, off for
+    # accuracy, whose 50-trial default search it doubled in time without a smaller winner (README, "Search").
+    descend: bool | None = None
     warm_start: bool = True
     repair: bool = False
     min_rf: int = MIN_RF  # receptive field in pixels: candidates seeing less of the digit are not trained
@@ -108,6 +110,8 @@ class SearchOptions:
             bad("pruner", "envelope applies to --objective accuracy only (a pareto search prunes by size, with --floor)")
         if self.floor is None and self.objective == "pareto" and self.target is not None:
             self.floor = default_floor(self.target)
+        if self.descend is None:
+            self.descend = self.objective == "pareto"
 
     def _check_budget(self, bad) -> None:
         for name in ("max_macs", "max_activation_bytes", "max_model_bytes"):

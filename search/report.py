@@ -16,9 +16,10 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from models.rules import RULES
+from search.budgets import describe
 from search.fsio import atomic_write_text
 from search.report_data import ReportData, collect
-from search.report_figures import (FigureFailed, fig_certification, fig_layout, fig_learning_curves,
+from search.report_figures import (SIZE_AXES, FigureFailed, fig_certification, fig_layout, fig_learning_curves,
                                    fig_parameter_spread, fig_params_vs_accuracy, seeds_text)
 from search.report_optuna import optuna_figures
 
@@ -123,13 +124,16 @@ class _Page:
 def _header(data: ReportData) -> str:
     """The title, the best trial, the budget, and one card per count."""
     c = data.counts
+    bounds = ("; under " + ", ".join(describe(m, b) for m, b in data.other_bounds.items())  # a microcontroller's
+              if data.other_bounds else "")
     best = (f"{data.best['val_acc']:.2%} validation accuracy at {data.best['n_params']:,} parameters "
             f"(trial {data.best['number']})" if data.best else "no completed trial yet")
     cards = [("trained", data.n_trained), ("completed", c.get("completed", 0)), ("pruned", c.get("pruned", 0)),
              ("rejected", c.get("rejected", 0)), ("failed", c.get("failed", 0) + c.get("stale", 0)),
              ("queued (not run yet)", c.get("queued", 0)), ("time spent", f"{data.time_spent_s / 60:,.1f} min")]
     return (f"<h1>budgetnas study <code>{html.escape(data.study_name)}</code></h1>"
-            f"<p class='muted'>Best: {html.escape(best)}. Budget: fewer than {data.max_params:,} parameters; "
+            f"<p class='muted'>Best: {html.escape(best)}. Budget: fewer than {data.max_params:,} parameters"
+            f"{html.escape(bounds)}; "
             f"{'target ' + format(data.target, '.1%') if data.target is not None else 'no target'}; "
             f"objective {html.escape(data.objective)}; data {html.escape(data.dataset)}.</p>"
             "<div class='cards'>" + "".join(f"<div class='card'>{k}<b>{v}</b></div>" for k, v in cards) + "</div>")
@@ -142,7 +146,9 @@ def _search_figures(page: _Page, data: ReportData, study: optuna.Study) -> None:
                  f"{data.counts.get('completed', 0)} completed: figures need more. Run <code>cli.py search</code> "
                  "for more trials, then <code>cli.py report</code> again.</p>")
     if data.n_trained:  # an empty study (or one of rejections only) has nothing to plot: the note above says so
-        page.figure("Parameters against validation accuracy", fig_params_vs_accuracy(data), "params-vs-accuracy")
+        size = SIZE_AXES[data.size_metric][1]
+        page.figure(f"{size[0].upper()}{size[1:]} against validation accuracy", fig_params_vs_accuracy(data),
+                    "params-vs-accuracy")
         page.figure("Trials over the parameter axis", fig_parameter_spread(data), "parameter-spread")
         page.figure("Learning curves", fig_learning_curves(data), "learning-curves")
         for i, (title, fig) in enumerate(optuna_figures(study, data)):

@@ -24,7 +24,7 @@ class ReportData:
     counts: dict[str, int]  # outcome -> trials
     n_trained: int
     best: dict | None  # number, val_acc, n_params of the best feasible completed trial
-    pareto: list[int]  # trial numbers on the (accuracy up, parameters down) front
+    pareto: list[int]  # trial numbers on the (accuracy up, size down) front; size: the study's size_metric
     time_spent_s: float  # sum of trial wall times
     winner_layers: list[dict] = field(default_factory=list)  # the best trial's layer table
     winner_spec: dict | None = None
@@ -36,6 +36,7 @@ class ReportData:
     dataset: str = "mnist"
     size_metric: str = "params"  # the x axis of the main figure and the front: the study's --size-metric
     size_bound: int | None = None  # that metric's bound (--max-params, --max-activation-bytes, ...); None: none given
+    other_bounds: dict = field(default_factory=dict)  # metric -> bound of --max-macs, --max-activation-bytes, ...
 
 
 def with_last_accuracy(frame: pd.DataFrame) -> pd.DataFrame:
@@ -76,5 +77,10 @@ def collect(study: optuna.Study, certification: dict | None = None, front: dict 
                       time_spent,
                       winner_layers, winner_spec, certification, setup.get("max_params", RULES.max_params),
                       study_target(study), setup.get("objective", "accuracy"), front, study_dataset(study),
-                      metric, setup.get("max_" + ATTRS[metric].removeprefix("n_"),
-                                        RULES.max_params if metric == "params" else None))
+                      metric, setup.get(_bound_key(metric), RULES.max_params if metric == "params" else None),
+                      {m: setup[_bound_key(m)] for m in ATTRS if m != "params" and setup.get(_bound_key(m))})
+
+
+def _bound_key(metric: str) -> str:
+    """The set-up key of a metric's bound: max_params, max_macs, max_activation_bytes, max_model_bytes."""
+    return "max_" + ATTRS[metric].removeprefix("n_")

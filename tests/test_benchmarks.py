@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import torch
 
 from conftest import ROOT
 
@@ -70,8 +71,29 @@ def test_recipe_benchmark_screens_only_the_factors_named_and_trains_fp32_when_as
     assert list(zip(stored.layout, stored.recipe)) == [("p3702", "default"), ("p2510", "default"),
                                                          ("micro", "default"), ("p3702", "precision=fp32")]
     assert stored.precision.iloc[3] == "fp32"
+    from search.engine.runtime import use_bf16
+
+    if use_bf16(torch.device("cpu")):  # where "auto" is bfloat16, the default runs say so and the factor differs
+        assert set(stored.precision.iloc[:3]) == {"bf16"}
     refused = run_recipe(data_root, runs, 1, "--factors", "precision,colour", returncode=2)
     assert "--factors precision,colour: colour is not a factor" in refused and "Traceback" not in refused
+
+
+def test_the_precision_factor_reaches_fit(monkeypatch):
+    from types import SimpleNamespace
+
+    import benchmarks.recipe as recipe
+
+    seen = []
+
+    def fake_fit(model, train, val, cfg, **kwargs):
+        seen.append(kwargs.get("precision"))
+        return SimpleNamespace(epochs=[SimpleNamespace(val_acc=0.5)], status="completed", shards=1, precision="x")
+
+    monkeypatch.setattr(recipe, "fit", fake_fit)
+    recipe.train_run("p3702", {"precision": "fp32"}, 0, 1, None, torch.device("cpu"))
+    recipe.train_run("p3702", {}, 0, 1, None, torch.device("cpu"))
+    assert seen == ["fp32", "auto"]
 
 
 def test_recipe_benchmark_screens_in_order_and_resumes_without_training_a_run_twice(data_root, tmp_path):

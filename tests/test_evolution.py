@@ -291,12 +291,14 @@ def test_the_envelope_pruner_is_refused_for_a_pareto_search_in_one_line(tmp_path
 
 # ---- a real search ---------------------------------------------------------------------------------------------
 
-def test_an_accuracy_search_queues_a_child_of_its_incumbent(tmp_path, data_root):
+def test_an_accuracy_search_queues_a_child_of_its_incumbent_with_descend(tmp_path, data_root):
     from search.options import SearchOptions
     from search.study import run_search
 
+    # Off by default in an accuracy search (the README has the timings), on in a pareto one.
+    assert SearchOptions().descend is False and SearchOptions(objective="pareto").descend is True
     opts = SearchOptions(trials=3, study="evo", results_dir=str(tmp_path), epochs=1, subset=1_000,
-                         data_dir=str(data_root), device="cpu")
+                         data_dir=str(data_root), device="cpu", descend=True)
     recs = {r.number: r for r in map(TrialRecord, run_search(opts, log=lambda _: None).study.get_trials())}
     # The first trial (a preset) completes; the next step is a child of it (a child the gates refuse, a receptive
     # field under --min-rf say, is followed by another); one child trains, then the sampler's turn.

@@ -72,18 +72,54 @@ def test_every_trained_trial_lies_inside_the_axes_and_the_rejected_are_drawn(tin
 
 
 def test_a_study_of_another_size_metric_is_drawn_against_that_metric(tiny_study):
+    from search.report import _header
+
     _, study = tiny_study
-    data = collect(study)
-    data.size_metric, data.size_bound = "activation-bytes", 40_000  # as a --size-metric activation-bytes study
-    fig = fig_params_vs_accuracy(data)
+    setup = study.user_attrs["setup"]  # the fixture's study, shared: its set-up is put back below
+    study.set_user_attr("setup", {**setup, "size_metric": "activation-bytes", "max_activation_bytes": 40_000,
+                                  "max_macs": 5_000_000})
+    try:
+        data = collect(study)
+    finally:
+        study.set_user_attr("setup", setup)
+    assert (data.size_metric, data.size_bound) == ("activation-bytes", 40_000)
+    assert data.other_bounds == {"activation-bytes": 40_000, "macs": 5_000_000}
     trained = data.frame[data.frame["outcome"] == "completed"]
+    first = trained.iloc[0]
+    data.front_certified = {"seeds": 3, "entries": [{"trial": int(first["number"]), "n_params": int(first["n_params"]),
+                                                     "test_acc_mean": 0.9958, "test_acc_std": 0.0007}]}
+    fig = fig_params_vs_accuracy(data)
     drawn = sorted(x for t in traces(fig, "completed") for x in t.x)
     assert drawn == sorted(trained["activation_bytes"]) and drawn != sorted(trained["n_params"])
+    [certified] = traces(fig, "certified test accuracy")  # front.json keeps parameters: the figure is the trial's
+    assert list(certified.x) == [first["activation_bytes"]]
     assert fig.layout.xaxis2.title.text == "peak activation memory, int8 bytes (log scale)"
     labels = {a.text.strip(): a for a in fig.layout.annotations}
     assert inside(labels["budget: fewer than 40,000 bytes"].x, fig.layout.xaxis.range)
     [strip] = traces(fig, "rejected, never trained")
     assert sorted(strip.x) == sorted(data.frame[data.frame["outcome"] == "rejected"]["activation_bytes"])
+    assert "under MACs 5,000,000 per image, peak activation memory 40,000 bytes" in _header(data)
+
+
+def test_best_reads_the_size_metric_from_the_study_set_up():
+    from optuna.trial import create_trial
+
+    from search.choose import front_to_certify, pick_winner
+
+    def trial(number, acc, params, activation_bytes):
+        made = create_trial(values=[acc, float(activation_bytes)], user_attrs={
+            "n_params": params, "activation_bytes": activation_bytes, "outcome": "completed", "constraint": 0})
+        made.number = number
+        return made
+
+    # Trial 0 has fewer parameters, trial 1 less activation memory; both within the seed spread of each other.
+    for metric, winner in (("params", 0), ("activation-bytes", 1)):
+        study = optuna.create_study(directions=["maximize", "minimize"])
+        study.add_trials([trial(0, 0.9850, 2_000, 2_400), trial(1, 0.9855, 3_000, 1_500)])
+        study.set_user_attr("setup", {"size_metric": metric})
+        assert pick_winner(study).number == winner, metric
+        assert pick_winner(study, target=0.985).number == winner, metric
+        assert [r.number for r in front_to_certify(study, 0.98)] == ([0, 1] if metric == "params" else [1])
 
 
 def test_the_certified_front_is_drawn_inside_the_axes_in_percent(tiny_study):

@@ -99,8 +99,9 @@ def test_a_chain_of_modules_is_measured_and_a_forward_with_functional_ops_says_w
     assert (chain.peak_activation_bytes, chain.int8_bytes, chain.macs) == (7_840, 136 + 1_280 + 240, macs)
     skip = module_resources(load_target(f"{nets}:Skip"))
     assert skip.peak_activation_bytes is None and skip.int8_bytes == 136 + 640 + 160  # the payload is still known
-    assert skip.unmeasured == ("peak activation memory: layer 'b' reads a tensor the layer before it did not write "
-                               "(functional ops, branches or skips between modules)",)
+    assert skip.macs is None  # work between the modules would not be counted
+    why = "layer 'b' reads a tensor the layer before it did not write (functional ops, branches or skips between modules)"
+    assert skip.unmeasured == (f"peak activation memory: {why}", f"MACs: {why}")
 
 
 def _int8_file(tmp_path):
@@ -167,8 +168,9 @@ def test_check_prints_the_int8_totals_and_says_what_it_cannot_measure(nets):
     out = runner.invoke(app, ["check", f"{nets}:Skip"])
     text = " ".join(out.output.split())
     assert out.exit_code == 0
-    assert "peak activation memory not measured, int8 model size 936 bytes, MACs 570,752 per image" in text
+    assert "peak activation memory not measured, int8 model size 936 bytes, MACs not measured" in text
     assert "not measured: peak activation memory: layer 'b' reads a tensor" in text
+    assert "not measured: MACs: layer 'b' reads a tensor" in text  # work between the leaves would go uncounted
 
 
 def test_check_refuses_a_network_over_a_microcontroller_bound_and_one_it_cannot_measure(nets):
@@ -185,10 +187,11 @@ def test_check_refuses_a_network_over_a_microcontroller_bound_and_one_it_cannot_
                              "--max-model-bytes", "5061"])
     assert ok.exit_code == 0 and "REFUSED" not in ok.output
     # A module whose peak activation memory cannot be measured is not taken to fit: refused, saying why.
-    out = runner.invoke(app, ["check", f"{nets}:Skip", "--max-activation-bytes", "100000"])
+    out = runner.invoke(app, ["check", f"{nets}:Skip", "--max-activation-bytes", "100000", "--max-macs", "10000000"])
     text = " ".join(out.output.split())
     assert out.exit_code == 1
     assert "peak activation memory not measured, so --max-activation-bytes 100,000 cannot be judged" in text
+    assert "MACs not measured, so --max-macs 10,000,000 cannot be judged" in text
     bad = runner.invoke(app, ["check", "micro", "--max-model-bytes", "0"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
 

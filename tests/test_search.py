@@ -235,11 +235,13 @@ def test_pareto_pruning_judges_a_trial_against_nets_no_larger():
     rivals_at_3 = [_reported(n, 3_000 + n, [0.95, 0.96, 0.97]) for n in range(3)]
     assert pareto_should_prune(rivals_at_3, 9, 5_500, 3, 0.955, descendant=True)
     # A study of another size metric: the rivals are the trials with no more of that figure, whatever their
-    # parameters (trial 1 has 5,000 params but holds 9,000 activation bytes, so at 2,000 bytes it is no rival).
-    by_memory = [_reported(1, 5_000, [0.95]), _reported(2, 19_000, [0.97])]
+    # parameters. Trial 1 has fewer parameters (1,500) but holds 9,000 activation bytes: at 2,000 bytes it is no
+    # rival, though by parameters it would be, and would prune a trial at 97.1%.
+    by_memory = [_reported(1, 1_500, [0.99]), _reported(2, 19_000, [0.97])]
     by_memory[0].user_attrs["activation_bytes"], by_memory[1].user_attrs["activation_bytes"] = 9_000, 1_800
     assert pareto_should_prune(by_memory, 9, 2_000, 1, 0.96, metric="activation-bytes")
     assert not pareto_should_prune(by_memory, 9, 2_000, 1, 0.971, metric="activation-bytes")
+    assert pareto_should_prune(by_memory, 9, 2_000, 1, 0.971)  # by parameters trial 1 is a rival
     assert not pareto_should_prune(by_memory, 9, 1_700, 1, 0.50, metric="activation-bytes")
 
 
