@@ -185,10 +185,10 @@ def test_the_recipe_plan_screens_momentum_under_cosine_against_cosine():
 
     from benchmarks.recipe import FACTORS, planned_runs, recipe_name
 
-    assert list(FACTORS)[-2:] == ["ema", "momentum"] and list(FACTORS)[:2] == ["lr", "batch_size"]
+    assert list(FACTORS)[-3:] == ["ema", "momentum", "precision"] and list(FACTORS)[:2] == ["lr", "batch_size"]
     screen = planned_runs(pd.DataFrame(), seeds=2)
-    assert [recipe_name(c) for layout, c, _ in screen if layout == "p3702"][-4:] == [
-        "ema=0.99", "ema=0.999", "momentum=0.8,schedule=cosine", "momentum=0.95,schedule=cosine"]
+    assert [recipe_name(c) for layout, c, _ in screen if layout == "p3702"][-5:] == [
+        "ema=0.99", "ema=0.999", "momentum=0.8,schedule=cosine", "momentum=0.95,schedule=cosine", "precision=fp32"]
 
     def scores(good: dict) -> pd.DataFrame:  # every screened run at 0.98, those named in `good` higher
         rows = [{"layout": layout, "recipe": recipe_name(c), "seed": seed, "final_val_acc": good.get(recipe_name(c),
