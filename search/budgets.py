@@ -88,13 +88,12 @@ def target_name(metric: str) -> str:
     return "param_target" if metric == "params" else f"{ATTRS[metric]}_target"
 
 
-
 def resource_refusals(resources, bounds: dict[str, int]) -> list[str]:
     """One reason per bound (metric -> bound, without params) that a network's measured Resources meet or exceed,
     or cannot show they meet: a figure that could not be measured is not taken to fit."""
     reasons = []
     for metric, bound in bounds.items():
-        value = getattr(resources, RESOURCE_FIELDS[metric]) if resources is not None else None
+        value = getattr(resources, RESOURCE_FIELDS[metric])
         if value is None:
             reasons.append(f"{_WORDS[metric][0].strip()} not measured, so {option_name(metric)} {bound:,} cannot "
                            "be judged")

@@ -11,9 +11,9 @@ import statistics
 
 import optuna
 
+from search.budgets import describe
 from search.record import (Outcome, TrialRecord, candidates, pareto_front, records, smallest_reaching,
                            study_size_metric)
-from search.budgets import describe
 from search.storage import SearchError
 
 # Fraction: the largest 3-seed sample standard deviation of final-epoch test accuracy among the certified networks
@@ -64,14 +64,20 @@ def smallest_within_spread(done: list[TrialRecord], metric: str = "params") -> t
     return winner, top, spread, source
 
 
+def size_words(r: TrialRecord, metric: str) -> str:
+    """", peak activation memory 2,044 bytes": a trial's figure of a size metric other than parameters, for lines
+    that already give its parameters ("" for parameters)."""
+    return "" if metric == "params" else f", {describe(metric, r.size(metric))}"
+
+
 def winner_line(done: list[TrialRecord], metric: str = "params") -> str:
     """The winner rule in words, for `best` and the leaderboard."""
     winner, top, spread, source = smallest_within_spread(done, metric)
     runs = runs_of(done)
     by = "" if metric == "params" else f" by {metric}"
-    figure = "" if metric == "params" else f", {describe(metric, winner.size(metric))}"
     return (f"the smallest{by} within {spread * 100:.2g} points ({source}) of the best ({accuracy(top, runs):.2%}): "
-            f"trial {winner.number}, {winner.n_params:,} params{figure}, {accuracy(winner, runs):.2%}")
+            f"trial {winner.number}, {winner.n_params:,} params{size_words(winner, metric)}, "
+            f"{accuracy(winner, runs):.2%}")
 
 
 def pick_winner(study: optuna.Study, trial_number: int | None = None, target: float | None = None) -> TrialRecord:

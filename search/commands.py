@@ -60,15 +60,10 @@ def check_with_resources(target: str, max_params: int = RULES.max_params, bounds
     the microcontroller `bounds` (metric -> bound, search/budgets.py; exclusive, as the search's))."""
     from models.resources import resources_of
     from search.budgets import resource_refusals
-    from search.options import MAX_FIGURE
 
-    bounds = {m: b for m, b in (bounds or {}).items() if b is not None}
-    for metric, bound in bounds.items():
-        if not 1 <= bound <= MAX_FIGURE:
-            raise CommandError(f"--max-{metric} {bound}: must be from 1 to {MAX_FIGURE:,}")
-    net, verdict = check_command(target, max_params)
+    net, verdict = check_command(target, max_params)  # the bounds' range is the CLI's (search/option_table.py)
     resources = resources_of(net, verdict)
-    return net, verdict, resources, resource_refusals(resources, bounds)
+    return net, verdict, resources, resource_refusals(resources, {m: b for m, b in (bounds or {}).items() if b})
 
 
 def open_study(study: str, storage: Optional[str], results_dir: str):
@@ -203,8 +198,7 @@ def best_command(study: str, storage: Optional[str], how: Certifying, trial: Opt
 
 def _best(study: str, storage: Optional[str], how: Certifying, trial: Optional[int], target: Optional[float],
           front: bool, floor: Optional[float], epochs: Optional[int], certs: list):
-    from search.budgets import describe
-    from search.choose import winner_line
+    from search.choose import size_words, winner_line
     from search.record import candidates, study_dataset, study_size_metric
     from search.retrain import front_summary, write_best
 
@@ -215,8 +209,7 @@ def _best(study: str, storage: Optional[str], how: Certifying, trial: Optional[i
     metric = study_size_metric(study_obj)
     if front:
         how.log(f"certifying the front at or above {choice.floor:.2%} validation: trials " + ", ".join(
-            f"{r.number} ({r.n_params:,} params{'' if metric == 'params' else ', ' + describe(metric, r.size(metric))}"
-            f", {r.values[0]:.2%})" for r in choice.records))
+            f"{r.number} ({r.n_params:,} params{size_words(r, metric)}, {r.values[0]:.2%})" for r in choice.records))
     elif trial is None and target is None:  # the winner rule, in words
         how.log("certifying " + winner_line(candidates(study_obj), metric))
     if not front and choice.chosen[0].cfg.epochs < RULES.max_epochs and epochs is None:

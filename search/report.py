@@ -146,7 +146,7 @@ def _search_figures(page: _Page, data: ReportData, study: optuna.Study) -> None:
                  f"{data.counts.get('completed', 0)} completed: figures need more. Run <code>cli.py search</code> "
                  "for more trials, then <code>cli.py report</code> again.</p>")
     if data.n_trained:  # an empty study (or one of rejections only) has nothing to plot: the note above says so
-        size = SIZE_AXES[data.size_metric][1]
+        size = SIZE_AXES[data.size_metric][0]
         page.figure(f"{size[0].upper()}{size[1:]} against validation accuracy", fig_params_vs_accuracy(data),
                     "params-vs-accuracy")
         page.figure("Trials over the parameter axis", fig_parameter_spread(data), "parameter-spread")

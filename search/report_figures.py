@@ -18,6 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from search.budgets import ATTRS
 from search.record import TRAINED, Outcome
 from search.report_data import ReportData
 
@@ -73,15 +74,16 @@ def trained_points(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["outcome"].isin([o.value for o in TRAINED]) & frame["val_acc"].notna()]
 
 
-# The main figure's x axis by --size-metric: (trial_frame column, axis title, unit in hovers and the budget label).
-SIZE_AXES = {"params": ("n_params", "parameters", "parameters"), "macs": ("macs", "MACs per image", "MACs"),
-             "activation-bytes": ("activation_bytes", "peak activation memory, int8 bytes", "bytes"),
-             "model-bytes": ("model_bytes", "int8 model size, bytes", "bytes")}
+# The main figure's x axis by --size-metric: (axis title, unit in hovers and the budget label); its trial_frame
+# column is the metric's stored attribute, search.budgets.ATTRS.
+SIZE_AXES = {"params": ("parameters", "parameters"), "macs": ("MACs per image", "MACs"),
+             "activation-bytes": ("peak activation memory, int8 bytes", "bytes"),
+             "model-bytes": ("int8 model size, bytes", "bytes")}
 
 
 def _accuracy_scatter(part: pd.DataFrame, name: str, marker: dict, accuracy_column: str = "val_acc",
                       mode: str = "markers", metric: str = "params", **extra) -> go.Scatter:
-    column, _, unit = SIZE_AXES[metric]
+    column, unit = ATTRS[metric], SIZE_AXES[metric][1]
     return go.Scatter(x=part[column], y=error_pct(part[accuracy_column]), mode=mode, name=name, marker=marker,
                       customdata=np.stack([part["number"], part[accuracy_column] * 100], axis=-1),
                       hovertemplate=f"trial %{{customdata[0]}}<br>%{{x:,}} {unit}<br>accuracy %{{customdata[1]:.2f}}%"
@@ -91,7 +93,7 @@ def _accuracy_scatter(part: pd.DataFrame, name: str, marker: dict, accuracy_colu
 def _rejected_strip(fig: go.Figure, rejected: pd.DataFrame, metric: str = "params") -> None:
     """The candidates the budget checker refused, at their size figures in a row of their own: never trained, so
     they have no accuracy to place them by."""
-    column, _, unit = SIZE_AXES[metric]
+    column, unit = ATTRS[metric], SIZE_AXES[metric][1]
     counted = rejected[rejected[column].notna()]
     fig.add_trace(go.Scatter(x=counted[column], y=[0] * len(counted), mode="markers",
                              name=f"rejected, never trained ({len(rejected)})",
@@ -110,7 +112,7 @@ def fig_params_vs_accuracy(data: ReportData) -> go.Figure:
     certified test accuracies, the budget and target lines; below, the rejected candidates. Trained trials with no
     accuracy to draw are counted above."""
     f, metric = data.frame, data.size_metric
-    column, title, _ = SIZE_AXES[metric]
+    column, title = ATTRS[metric], SIZE_AXES[metric][0]
     trained, rejected = trained_points(f), f[f["outcome"] == Outcome.REJECTED]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.84, 0.16], vertical_spacing=0.03)
     for outcome, symbol in OUTCOME_SYMBOLS.items():
@@ -156,7 +158,7 @@ def _budget_and_target(fig: go.Figure, data: ReportData) -> None:
     """The size metric's bound as a line through both rows, labelled at the top, left of it; the target as a line
     across, labelled at the left, above it (annotations on a log axis take log10 coordinates)."""
     if data.size_bound:
-        unit = SIZE_AXES[data.size_metric][2]
+        unit = SIZE_AXES[data.size_metric][1]
         fig.add_vline(x=data.size_bound, line={"color": "red", "dash": "dash"}, row="all", col=1)
         fig.add_annotation(x=math.log10(data.size_bound), xref="x", y=1.0, yref="y domain", xanchor="right",
                            yanchor="top", text=f"budget: fewer than {data.size_bound:,} {unit} ", showarrow=False,
