@@ -10,7 +10,8 @@ Three small layouts of the `micro` style (three padded blocks of 3x3 convs, two 
 The plan, in order, each run once:
 1. screen: the default recipe (search/engine/config.py) and every variant below, seed 0, on the 3,702 layout first,
    then on the other two;
-2. confirm: per layout, the default and each factor's best screened value that beat it, with `--seeds` seeds;
+2. confirm: per layout, the default and each factor's best screened value that beat it, with `--seeds` seeds, as
+   soon as that factor is screened on the layout;
 3. combine: per layout, all confirmed winners together, with `--seeds` seeds.
 Stages 2 and 3 are planned from the runs stored when they are reached. A variant changes one thing: a field of
 `TrainConfig` (the weight average `ema` among them; `momentum` comes with the cosine schedule, since OneCycle sets
@@ -110,13 +111,15 @@ def planned_runs(done: pd.DataFrame, seeds: int) -> list[tuple[str, dict, int]]:
     for layout in LAYOUTS:
         plan += [(layout, variant(factor, value), 0) for factor, values in FACTORS.items() for value in values]
     for layout in LAYOUTS:
-        winners = _screen_winners(done, layout)
-        if winners is None:  # the layout's screening is not complete: nothing more to plan for it yet
+        winners, complete = _screen_winners(done, layout)
+        if not winners:
             continue
+        # A factor is confirmed as soon as its own screening on the layout is done (so that `--factors` can take one
+        # question through to its seeds); the combination waits for every factor.
         bases = [{}] + [WITH[k] for k in winners if k in WITH]
         plan += [(layout, changes, seed) for changes in bases + [variant(k, v) for k, v in winners.items()]
                  for seed in range(seeds)]
-        confirmed = _confirmed(done, layout, winners, seeds)
+        confirmed = _confirmed(done, layout, winners, seeds) if complete else None
         if confirmed:
             combined = dict(confirmed)
             for factor in confirmed:  # a companion only where no confirmed winner set that field
@@ -135,22 +138,23 @@ def _mean_final(done: pd.DataFrame, layout: str, changes: dict, seeds: int | Non
     return rows.final_val_acc.mean() if len(rows) else None
 
 
-def _screen_winners(done: pd.DataFrame, layout: str) -> dict | None:
-    """Per factor, its screened value with the best seed-0 validation accuracy, where that beat its base's: the
-    default's, or that of what the factor comes with (WITH)."""
+def _screen_winners(done: pd.DataFrame, layout: str) -> tuple[dict, bool]:
+    """(per factor whose seed-0 screening on the layout is done, its value with the best validation accuracy where
+    that beat its base's: the default's, or that of what the factor comes with (WITH); whether every factor's is)."""
     if not len(done):
-        return None
+        return {}, False
     seed0 = done[(done.layout == layout) & (done.seed == 0)]
-    winners = {}
+    winners, complete = {}, True
     for factor, values in FACTORS.items():
         base = _mean_final(seed0, layout, WITH.get(factor, {}))
         scores = [(_mean_final(seed0, layout, variant(factor, v)), v) for v in values]
         if base is None or any(s is None for s, _ in scores):
-            return None
+            complete = False
+            continue
         best, value = max(scores, key=lambda sv: sv[0])
         if best > base:
             winners[factor] = value
-    return winners
+    return winners, complete
 
 
 def _confirmed(done: pd.DataFrame, layout: str, winners: dict, seeds: int) -> dict | None:

@@ -213,6 +213,28 @@ def test_the_recipe_plan_screens_momentum_under_cosine_against_cosine():
         "ema=0.999,momentum=0.95,schedule=cosine"] * 2
 
 
+
+def test_a_factor_screened_ahead_of_the_plan_is_confirmed_before_the_rest_is_screened():
+    """`--factors precision` takes one question to its seeds: once precision is screened on a layout and beat the
+    default, its confirmation is planned there although the other factors are not screened; the combination is not."""
+    import pandas as pd
+
+    from benchmarks.recipe import planned_runs, recipe_name
+
+    rows = [{"layout": "p3702", "recipe": r, "seed": 0, "final_val_acc": a}
+            for r, a in (("default", 0.9923), ("precision=fp32", 0.9934), ("lr=0.05", 0.9913))]
+    rows += [{"layout": "p2510", "recipe": r, "seed": 0, "final_val_acc": a}
+             for r, a in (("default", 0.99), ("precision=fp32", 0.98))]  # screened, lost: nothing to confirm
+    done = pd.DataFrame(rows)
+    screen = planned_runs(pd.DataFrame(), seeds=3)
+    plan = planned_runs(done, seeds=3)
+    assert [(layout, recipe_name(c), seed) for layout, c, seed in plan[len(screen):]] == [
+        ("p3702", r, s) for r in ("default", "precision=fp32") for s in range(3)]
+    # With all three seeds of both, still no combination: the layout's other factors are not screened.
+    seeds = pd.DataFrame([{"layout": "p3702", "recipe": r, "seed": s, "final_val_acc": a}
+                          for r, a in (("default", 0.9923), ("precision=fp32", 0.9934)) for s in (1, 2)])
+    assert planned_runs(pd.concat([done, seeds], ignore_index=True), seeds=3) == plan
+
 def test_plain_pytorch_benchmark_trains_both_ways_resumes_and_refuses_bad_input(data_root, tmp_path):
     import subprocess
     import sys
