@@ -24,6 +24,16 @@ RESOURCE_FIELDS = {"macs": "macs", "activation-bytes": "peak_activation_bytes", 
 _WORDS = {"params": ("", " parameters"), "macs": ("MACs ", " per image"),
           "activation-bytes": ("peak activation memory ", " bytes"), "model-bytes": ("int8 model size ", " bytes")}
 
+# A table column's heading for each figure.
+HEADINGS = {"params": "params", "macs": "MACs", "activation-bytes": "peak activation (B)",
+            "model-bytes": "int8 model (B)"}
+
+
+def front_columns(metric: str) -> list[tuple[str, str]]:
+    """(heading, front.json key) of the size columns a front table shows: parameters, and the study's size metric
+    where that is another."""
+    return [(HEADINGS[m], ATTRS[m]) for m in dict.fromkeys(("params", metric))]
+
 
 def option_name(metric: str) -> str:
     """The option bounding the figure: --max-params, --max-macs, --max-activation-bytes, --max-model-bytes."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from models.spec import NetSpec, SpecError, read_json_file
+from search.budgets import METRICS
 from search.certificate_errors import CertificateError
 from search.engine import TrainConfig
 
@@ -153,9 +154,12 @@ def read_certificate(path: str | Path) -> dict:
 FRONT_ENTRY = obj({"trial": integer(0), "n_params": integer(0), "val_acc": optional(number(0, 1, nan_ok=True)),
                    "test_acc_mean": number(0, 1, nan_ok=True), "test_acc_std": number(0, 1, nan_ok=True),
                    "test_acc_per_seed": list_of(number(0, 1, nan_ok=True), 1, MAX_SEEDS), "certified": flag,
-                   "failed_rules": list_of(text(500), 0, 20), "reused": flag, "certificate": text()})
+                   "failed_rules": list_of(text(500), 0, 20), "reused": flag, "certificate": text()},
+                  # Absent from a front.json written before it held them; each must then be its certificate's.
+                  {"macs": integer(0), "activation_bytes": integer(0), "model_bytes": integer(0)})
 FRONT = obj({"study": text(200), "floor": number(0, 1), "seeds": integer(1, MAX_SEEDS),
-             "target": optional(number(0, 1)), "entries": list_of(FRONT_ENTRY, 0, 10_000)})
+             "target": optional(number(0, 1)), "entries": list_of(FRONT_ENTRY, 0, 10_000)},
+            {"size_metric": text(30, METRICS)})
 
 
 def read_front_file(path: str | Path) -> dict:

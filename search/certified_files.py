@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from models.spec import NetSpec
+from search.budgets import ATTRS, figures
 from search.certificate import CertificateError, CheckpointError, EvidenceMismatch, read_certificate, verify
 from search.certificate_schema import read_front_file
 from search.data import DataError
@@ -46,20 +48,31 @@ def write_best(results_dir: str, result: dict) -> Path:
     return atomic_write_text(Path(results_dir) / result["study"] / "best.json", json.dumps(result, indent=2))
 
 
+# The figures of a front entry other than parameters, by their trials.csv column: computed from the certificate's spec
+# (models/resources.py), so that a study bounded by another size metric lists its own.
+FIGURE_KEYS = tuple(column for metric, column in ATTRS.items() if metric != "params")
+
+
+def _spec_figures(c: dict) -> dict:
+    by_metric = figures(NetSpec.from_dict(c["spec"]))
+    return {ATTRS[metric]: by_metric[metric] for metric in ATTRS if metric != "params"}
+
+
 def _front_entry(c: dict, reused: bool, results_dir: str) -> dict:
-    return {"trial": c["trial"], "n_params": c["n_params"], "val_acc": c["val_acc"],
+    return {"trial": c["trial"], "n_params": c["n_params"], **_spec_figures(c), "val_acc": c["val_acc"],
             "test_acc_mean": c["final_test_acc_mean"], "test_acc_std": c["final_test_acc_std"],
             "test_acc_per_seed": [r["final_test_acc"] for r in c["seeds"]], "certified": c["certified"],
             "failed_rules": [r["rule"] for r in c["rules"] if not r["pass"]], "reused": reused,
             "certificate": str(certificate_dir(results_dir, c["name"]) / "certificate.json")}
 
 
-def write_front(study_name: str, floor: float, seeds: int, certs: list[tuple[dict, bool]], results_dir: str) -> dict:
-    """Write front.json (one entry per certified front trial, smallest first, with its validation and test accuracy)
-    and return what it holds."""
+def write_front(study_name: str, floor: float, seeds: int, certs: list[tuple[dict, bool]], results_dir: str,
+                size_metric: str = "params") -> dict:
+    """Write front.json (one entry per certified front trial, smallest first, with its four size figures and its
+    validation and test accuracy; `size_metric`: the study's, the one its tables show) and return what it holds."""
     entries = [_front_entry(c, reused, results_dir) for c, reused in certs]
     result = {"study": study_name, "floor": floor, "seeds": seeds, "target": certs[0][0]["target"] if certs else None,
-              "entries": entries}
+              "size_metric": size_metric, "entries": entries}
     atomic_write_text(Path(results_dir) / study_name / "front.json", json.dumps(result, indent=2))
     return result
 
@@ -88,7 +101,8 @@ def read_best(results_dir: str, study_name: str) -> tuple[dict | None, str | Non
 
 def _front_entry_problem(entry: dict, study_name: str, results_dir: str) -> str | None:
     """Why a front.json entry is not shown (its certificate does not verify, or the entry is not its certificate's
-    figures), else None."""
+    figures), else None. An entry written before front.json held the figures other than parameters gets them from
+    its certificate here (in place)."""
     named = Path(entry["certificate"])
     path = named if named.is_file() else certificate_dir(results_dir, named.parent.name) / "certificate.json"
     try:
@@ -96,6 +110,8 @@ def _front_entry_problem(entry: dict, study_name: str, results_dir: str) -> str 
     except (CertificateError, CheckpointError, EvidenceMismatch) as exc:
         return f"trial {entry['trial']}: {exc}"
     expected = _front_entry(cert, entry["reused"], results_dir)
+    for key in FIGURE_KEYS:
+        entry.setdefault(key, expected[key])
     for key, value in expected.items():
         if key != "certificate" and entry[key] != value and not (value != value and entry[key] != entry[key]):
             return f"trial {entry['trial']}: {key}: front.json says {entry[key]!r}, its certificate {value!r}"

@@ -217,7 +217,8 @@ def _best(study: str, storage: Optional[str], how: Certifying, trial: Optional[i
                 f"{'s' if choice.chosen[0].cfg.epochs != 1 else ''} and "
                 f"is retrained with as many; --epochs {RULES.max_epochs} certifies it with the exercise's full "
                 "allowance")
-    summarise = (lambda done: front_summary(study, choice.floor, how.seeds, done, how.results_dir)) if front else None
+    summarise = ((lambda done: front_summary(study, choice.floor, how.seeds, done, how.results_dir, metric)) if front
+                 else None)
     certify_all(choice.chosen, how, choice.target, reuse=front, after_each=summarise, certs=certs)
     if front:
         return choice, certs, summarise(certs)

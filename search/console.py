@@ -7,6 +7,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from models.rules import RULES
+from search.budgets import front_columns
 from search.choose import winner_line
 from search.record import Outcome, TrialRecord, leaderboard
 from search.storage import describe_storage
@@ -109,15 +110,17 @@ def print_verdict(result: dict, seeds: int) -> None:
 
 
 def print_front(summary: dict) -> None:
-    """front.json as a table: validation against certified test accuracy for every front trial, smallest first."""
+    """front.json as a table: validation against certified test accuracy for every front trial, smallest first, with
+    its parameters and the study's size metric."""
     table = Table(title=f"study {summary['study']}: the front at or above {summary['floor']:.2%} validation, "
                         f"certified with {summary['seeds']} seed{'s' if summary['seeds'] > 1 else ''}",
                   title_justify="left")
-    for col in ("trial", "params", "validation", "test (mean +- sd)", "rules"):
-        table.add_column(col, justify="right")
+    sizes = front_columns(summary.get("size_metric", "params"))
+    for col in ("trial", *(heading for heading, _ in sizes), "validation", "test (mean +- sd)", "rules"):
+        table.add_column(col, justify="right", no_wrap=col != "rules")
     for e in summary["entries"]:
         rules = "[green]all PASS[/]" if e["certified"] else "[red]FAIL: " + "; ".join(e["failed_rules"]) + "[/]"
-        table.add_row(str(e["trial"]), f"{e['n_params']:,}", f"{e['val_acc']:.2%}",
+        table.add_row(str(e["trial"]), *(f"{e[key]:,}" for _, key in sizes), f"{e['val_acc']:.2%}",
                       f"{RULES.accuracy_text(e['test_acc_mean'], summary.get('target'))} +- {e['test_acc_std']:.2%}",
                       rules)
     console.print(table)

@@ -16,7 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from models.rules import RULES
-from search.budgets import describe
+from search.budgets import describe, front_columns
 from search.fsio import atomic_write_text
 from search.report_data import ReportData, collect
 from search.report_figures import (SIZE_AXES, FigureFailed, fig_certification, fig_layout, fig_learning_curves,
@@ -177,7 +177,9 @@ def _certification(page: _Page, cert: dict) -> None:
 
 
 def _certified_front(fc: dict) -> str:
-    rows = [{"trial": e["trial"], "parameters": f"{e['n_params']:,}", "validation": f"{e['val_acc']:.2%}",
+    sizes = front_columns(fc.get("size_metric", "params"))
+    rows = [{"trial": e["trial"], **{heading: f"{e[key]:,}" for heading, key in sizes},
+             "validation": f"{e['val_acc']:.2%}",
              "test (mean +- sd)": f"{RULES.accuracy_text(e['test_acc_mean'], fc.get('target'))} "
                                   f"+- {e['test_acc_std']:.2%}",
              "rules": "all pass" if e["certified"] else "fails: " + "; ".join(e["failed_rules"])}

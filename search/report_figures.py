@@ -126,9 +126,7 @@ def fig_params_vs_accuracy(data: ReportData) -> go.Figure:
                                         mode="lines+markers", metric=metric, line={"dash": "dot"}), row=1, col=1)
     certified = pd.DataFrame((data.front_certified or {}).get("entries", []))
     if len(certified):  # the front's test accuracy, retrained on 60,000 images: mean and spread over seeds
-        certified = certified.rename(columns={"trial": "number"})
-        if column not in certified:  # front.json keeps parameters; the other figures are the trials'
-            certified = certified.merge(f[["number", column]], on="number", how="left")
+        certified = certified.rename(columns={"trial": "number"})  # with every size figure (front.json)
         fig.add_trace(_accuracy_scatter(
             certified, f"certified test accuracy ({seeds_text(data.front_certified['seeds'])})",
             {"size": 11, "symbol": "diamond", "color": "#FFA15A"}, accuracy_column="test_acc_mean",

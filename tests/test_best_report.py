@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from cli import app
 from search.record import candidates, pareto_front
 from search.report import collect, trial_rows, write_report
-from search.retrain import CheckpointError, load_checkpoint
+from search.retrain import CheckpointError, load_checkpoint, read_front
 from search.engine import evaluate, to_device
 from search.options import SearchOptions
 from search.study import run_search
@@ -213,7 +213,7 @@ def test_a_figure_that_fails_is_an_error_note_not_a_figure(tiny_study, monkeypat
            "ZeroDivisionError" in page
 
 
-def test_best_front_certifies_every_front_trial_once_and_the_report_draws_them(tiny_study, data_root):
+def test_best_front_certifies_every_front_trial_once_and_the_report_draws_them(tiny_study, data_root, capsys):
     results, study = tiny_study
     args = ["best", "--study", "tiny", "--results-dir", str(results), "--front", "--floor", "10", "--seeds", "1",
             "--data-dir", str(data_root), "--device", "cpu", "--max-params", "6000"]
@@ -229,6 +229,9 @@ def test_best_front_certifies_every_front_trial_once_and_the_report_draws_them(t
     for entry, record in zip(summary["entries"], front):
         cert = json.loads((results / "certified" / f"tiny-trial-{record.number}" / "certificate.json").read_text())
         assert entry["n_params"] == record.n_params == cert["n_params"] and entry["val_acc"] == record.values[0]
+        # Every size figure, as the search stored it, so that a study bounded by another metric can list its own.
+        assert [entry[k] for k in ("macs", "activation_bytes", "model_bytes")] == [
+            record.macs, record.activation_bytes, record.model_bytes] and record.activation_bytes > 784
         assert entry["test_acc_mean"] == cert["final_test_acc_mean"] > 0.5 and entry["reused"] == before[record.number]
         assert (results / "certified" / f"tiny-trial-{record.number}" / "seed0.pt").is_file()
     # Again: every certificate is reused, nothing retrained.
@@ -252,6 +255,40 @@ def test_best_front_certifies_every_front_trial_once_and_the_report_draws_them(t
     assert out.exit_code == 0, out.output
     page = (results / "tiny" / "report.html").read_text()
     assert "id='certified-front'" in page and "certified test accuracy (1 seed)" in page
+    # A front.json written before it held the other size figures is still shown, its figures the certificates';
+    # one whose figure was edited is not.
+    path = results / "tiny" / "front.json"
+    written = json.loads(path.read_text())
+    legacy = {**written, "entries": [{k: v for k, v in e.items() if k not in ("macs", "activation_bytes",
+                                                                            "model_bytes")}
+                                     for e in written["entries"]]}
+    del legacy["size_metric"]
+    path.write_text(json.dumps(legacy))
+    shown, problems = read_front(str(results), "tiny")
+    assert problems == [] and shown["entries"] == written["entries"]
+    edited = json.loads(json.dumps(written))
+    edited["entries"][0]["activation_bytes"] -= 1
+    path.write_text(json.dumps(edited))
+    shown, problems = read_front(str(results), "tiny")
+    assert len(shown["entries"]) == len(written["entries"]) - 1
+    assert f"trial {written['entries'][0]['trial']}: activation_bytes: front.json says" in problems[0], problems
+    path.write_text(json.dumps(written))
+    # A study of another size metric: both tables list that figure beside the parameters.
+    from search.console import print_front
+    from search.report import _certified_front
+
+    assert written["size_metric"] == "params"
+    first = written["entries"][0]
+    capsys.readouterr()
+    print_front(written)
+    assert "peak activation" not in capsys.readouterr().out
+    by_bytes = {**written, "size_metric": "activation-bytes"}
+    print_front(by_bytes)
+    printed = capsys.readouterr().out
+    assert "peak activation (B)" in printed and f"{first['activation_bytes']:,}" in printed
+    assert "<th>peak activation (B)</th>" in _certified_front(by_bytes)
+    assert f"<td>{first['activation_bytes']:,}</td>" in _certified_front(by_bytes)
+    assert "peak activation" not in _certified_front(written)
 
 
 def test_report_of_an_empty_study_says_so_without_figures(tmp_path):

@@ -87,11 +87,12 @@ def test_a_study_of_another_size_metric_is_drawn_against_that_metric(tiny_study)
     trained = data.frame[data.frame["outcome"] == "completed"]
     first = trained.iloc[0]
     data.front_certified = {"seeds": 3, "entries": [{"trial": int(first["number"]), "n_params": int(first["n_params"]),
+                                                     "activation_bytes": int(first["activation_bytes"]),
                                                      "test_acc_mean": 0.9958, "test_acc_std": 0.0007}]}
     fig = fig_params_vs_accuracy(data)
     drawn = sorted(x for t in traces(fig, "completed") for x in t.x)
     assert drawn == sorted(trained["activation_bytes"]) and drawn != sorted(trained["n_params"])
-    [certified] = traces(fig, "certified test accuracy")  # front.json keeps parameters: the figure is the trial's
+    [certified] = traces(fig, "certified test accuracy")  # at front.json's figure of the metric
     assert list(certified.x) == [first["activation_bytes"]]
     assert fig.layout.xaxis2.title.text == "peak activation memory, int8 bytes (log scale)"
     labels = {a.text.strip(): a for a in fig.layout.annotations}
