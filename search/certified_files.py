@@ -48,14 +48,14 @@ def write_best(results_dir: str, result: dict) -> Path:
     return atomic_write_text(Path(results_dir) / result["study"] / "best.json", json.dumps(result, indent=2))
 
 
-# The figures of a front entry other than parameters, by their trials.csv column: computed from the certificate's spec
+# A front entry's figures other than parameters, (metric, trials.csv column): computed from the certificate's spec
 # (models/resources.py), so that a study bounded by another size metric lists its own.
-FIGURE_KEYS = tuple(column for metric, column in ATTRS.items() if metric != "params")
+OTHER_FIGURES = tuple((metric, column) for metric, column in ATTRS.items() if metric != "params")
 
 
 def _spec_figures(c: dict) -> dict:
     by_metric = figures(NetSpec.from_dict(c["spec"]))
-    return {ATTRS[metric]: by_metric[metric] for metric in ATTRS if metric != "params"}
+    return {column: by_metric[metric] for metric, column in OTHER_FIGURES}
 
 
 def _front_entry(c: dict, reused: bool, results_dir: str) -> dict:
@@ -99,23 +99,24 @@ def read_best(results_dir: str, study_name: str) -> tuple[dict | None, str | Non
         return None, f"{path} is not shown: {exc}"
 
 
-def _front_entry_problem(entry: dict, study_name: str, results_dir: str) -> str | None:
-    """Why a front.json entry is not shown (its certificate does not verify, or the entry is not its certificate's
-    figures), else None. An entry written before front.json held the figures other than parameters gets them from
-    its certificate here (in place)."""
+def _checked_front_entry(entry: dict, results_dir: str) -> tuple[dict, str | None]:
+    """(the entry, why it is not shown or None): not shown where its certificate does not verify, is no trial's, or
+    does not hold the entry's figures. An entry written before front.json held the figures other than parameters
+    comes back with them, from its certificate."""
     named = Path(entry["certificate"])
     path = named if named.is_file() else certificate_dir(results_dir, named.parent.name) / "certificate.json"
     try:
         cert = _verified_certificate(path, results_dir)
     except (CertificateError, CheckpointError, EvidenceMismatch) as exc:
-        return f"trial {entry['trial']}: {exc}"
+        return entry, f"trial {entry['trial']}: {exc}"
+    if cert.get("spec") is None:  # a module's certificate: no spec to count from, and no trial of a study
+        return entry, f"trial {entry['trial']}: {path} certifies a module, not a trial"
     expected = _front_entry(cert, entry["reused"], results_dir)
-    for key in FIGURE_KEYS:
-        entry.setdefault(key, expected[key])
+    entry = {**{column: expected[column] for _, column in OTHER_FIGURES}, **entry}
     for key, value in expected.items():
         if key != "certificate" and entry[key] != value and not (value != value and entry[key] != entry[key]):
-            return f"trial {entry['trial']}: {key}: front.json says {entry[key]!r}, its certificate {value!r}"
-    return None
+            return entry, f"trial {entry['trial']}: {key}: front.json says {entry[key]!r}, its certificate {value!r}"
+    return entry, None
 
 
 def read_front(results_dir: str, study_name: str) -> tuple[dict | None, list[str]]:
@@ -127,6 +128,6 @@ def read_front(results_dir: str, study_name: str) -> tuple[dict | None, list[str
         front = read_front_file(path)
     except CertificateError as exc:
         return None, [f"{path} is not shown: {exc}"]
-    problems = [(e, _front_entry_problem(e, study_name, results_dir)) for e in front["entries"]]
-    front = {**front, "entries": [e for e, problem in problems if problem is None]}
-    return front, [f"{path}: an entry is not shown: {problem}" for _, problem in problems if problem]
+    checked = [_checked_front_entry(e, results_dir) for e in front["entries"]]
+    front = {**front, "entries": [e for e, problem in checked if problem is None]}
+    return front, [f"{path}: an entry is not shown: {problem}" for _, problem in checked if problem]
