@@ -4,6 +4,7 @@ returns a `Refusal` or nothing; `_refuse` records a refusal, the only place an u
     suggest           the space's choices -> (NetSpec, TrainConfig); an impossible layout is rejected
     budget            parameters, MACs and int8 bytes counted from the spec (search/budgets.py); at or over a
                       bound -> rejected (or repaired with --repair)
+    winner_bound      accuracy search: a sampled candidate larger than the current winner -> rejected
     receptive_field   under --min-rf pixels -> rejected
     duplicate         same spec and config as a stored trial -> its result is reused
     module            the built nn.Module checked again (defence in depth) -> rejected if it disagrees
@@ -33,7 +34,9 @@ from search.engine import TrainConfig, epoch_line, fit, planned_engine
 from search.engine.runtime import stop_point
 from search.options import SearchOptions
 from search.pruning import floor_stop_reason, pareto_should_prune, rungs
-from search.record import Outcome, TrialWriter, count_trained, records
+from search.choose import smallest_within_spread, winner_line
+from search.evolution import STEP_ATTRS
+from search.record import Outcome, TrialWriter, candidates, count_trained, records
 from search.workers import claim_conflict, retry_source
 from search.widths import fit_widths
 
@@ -109,6 +112,28 @@ def gate_budget(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | No
     return None
 
 
+def gate_winner_bound(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | None:
+    """An accuracy search's winner is the smallest completed net within the seed spread of the best
+    (search/choose.py). A sampled candidate with more parameters than the winner so far could take its place only by
+    beating the best by more than that spread, which early epochs cannot tell (docs/search.md, rank fidelity); its
+    training slot goes to nets that can. The constraint it is stored with (its parameters over the winner's) steers
+    the sampler to smaller nets. Presets, evolution steps and retries are queued on purpose and pass."""
+    attrs = w.trial.user_attrs
+    if not ctx.opts.winner_bound or any(attrs.get(k) is not None for k in ("preset", "retry_of", *STEP_ATTRS)):
+        return None
+    done = candidates(w.trial.study)
+    if not done:
+        return None
+    winner = smallest_within_spread(done)[0]
+    n_params = w.get("n_params")
+    if n_params <= winner.n_params:
+        return None
+    return Refusal(Outcome.REJECTED, f"{n_params:,} params, more than the winner so far ({winner_line(done)}): it "
+                                     "could take its place only by beating the best by more than that spread "
+                                     "(--no-winner-bound trains such nets)",
+                   constraint=n_params - winner.n_params)
+
+
 def gate_receptive_field(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | None:
     rf, min_rf = w.get("receptive_field"), ctx.opts.min_rf
     if rf < min_rf:  # a head judging a digit from a fragment of it learns little (docs/search.md)
@@ -152,7 +177,7 @@ def gate_claim(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | Non
                    duplicate_of=other)
 
 
-GATES = (gate_suggest, gate_budget, gate_receptive_field, gate_duplicate, gate_module, gate_claim)
+GATES = (gate_suggest, gate_budget, gate_winner_bound, gate_receptive_field, gate_duplicate, gate_module, gate_claim)
 
 
 # ---- recording --------------------------------------------------------------------------------------

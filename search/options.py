@@ -56,6 +56,9 @@ class SearchOptions:
     # Evolution steps (search/evolution.py) and, in pareto searches, front descent. None: on for pareto, off for
     # accuracy, whose 50-trial default search it doubled in time without a smaller winner (README, "Search").
     descend: bool | None = None
+    # Accuracy search: sampled candidates larger than the current winner are rejected untrained (objective.py,
+    # gate_winner_bound). None: on for accuracy; a pareto search wants every size.
+    winner_bound: bool | None = None
     warm_start: bool = True
     repair: bool = False
     min_rf: int = MIN_RF  # receptive field in pixels: candidates seeing less of the digit are not trained
@@ -112,6 +115,10 @@ class SearchOptions:
             self.floor = default_floor(self.target)
         if self.descend is None:
             self.descend = self.objective == "pareto"
+        if self.winner_bound and self.objective == "pareto":
+            bad("winner_bound", "applies to --objective accuracy only (a pareto search trains every size)")
+        if self.winner_bound is None:
+            self.winner_bound = self.objective == "accuracy"
 
     def _check_budget(self, bad) -> None:
         for name in ("max_macs", "max_activation_bytes", "max_model_bytes"):

@@ -308,3 +308,73 @@ def test_an_accuracy_search_queues_a_child_of_its_incumbent_with_descend(tmp_pat
     kid, parent = trained[0], recs[trained[0].attrs["parent"]]
     assert parent.number == 0 and parent.is_candidate and kid.n_params <= parent.n_params
     assert (kid.spec != parent.spec) or (kid.config.to_dict() != parent.config.to_dict()), kid.attrs["mutation"]
+
+
+# ---- the winner bound ----------------------------------------------------------------------------------------------
+
+def _accuracy_study(*completed: tuple[int, float]) -> optuna.Study:
+    """An in-memory accuracy study holding completed candidates of (parameters, validation accuracy)."""
+    study = optuna.create_study(direction="maximize")
+    for n_params, val in completed:
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=val, user_attrs={
+            "n_params": n_params, "outcome": "completed", "constraint": 0}))
+    return study
+
+
+def _gated(study: optuna.Study, spec, **user_attrs):
+    """The objective's gates on a trial of `spec` queued with `user_attrs` (none: as if the sampler drew it): the
+    trial as stored afterwards, and what the objective raised."""
+    from search.objective import TrialContext, make_objective
+    from search.options import SearchOptions
+
+    study.enqueue_trial(space.encode(spec, TrainConfig(epochs=1), param_target=False), user_attrs=user_attrs)
+    trial = study.ask()
+    import torch
+
+    # data: only the training labels' count is read before training (the engine it would plan)
+    ctx = TrialContext(SearchOptions(epochs=1, min_rf=1), data=(None, range(50_000)), device=torch.device("cpu"),
+                       log=lambda _: None)
+    with pytest.raises(optuna.TrialPruned) as raised:
+        make_objective(ctx)(trial)
+    study.tell(trial, state=TrialState.PRUNED)
+    return study.trials[-1], str(raised.value)
+
+
+def test_a_sampled_net_larger_than_the_winner_is_rejected_untrained_and_steers_the_sampler_off():
+    # Winner: 7,442 params at 99.44%, within 0.1 points of the best (99.50%, 19,674 params).
+    study = _accuracy_study((19_674, 0.9950), (7_442, 0.9944))
+    trial, why = _gated(study, PRESETS["small"])  # 7,860 params, as if the sampler drew it
+    assert why == ("7,860 params, more than the winner so far (the smallest within 0.1 points (the measured 3-seed "
+                   "spread) of the best (99.50%): trial 1, 7,442 params, 99.44%): it could take its place only by "
+                   "beating the best by more than that spread (--no-winner-bound trains such nets)")
+    assert trial.user_attrs["outcome"] == "rejected" and "history" not in trial.user_attrs
+    assert trial.constraints == {"budget": 7_860 - 7_442}  # infeasible for TPE: it samples elsewhere
+
+
+def test_the_winner_bound_passes_smaller_nets_queued_trials_and_pareto_searches():
+    from search.objective import TrialContext, gate_winner_bound
+    from search.options import SearchOptions
+    from search.record import TrialWriter
+
+    study = _accuracy_study((19_674, 0.9950), (7_442, 0.9944))
+    accuracy, pareto = SearchOptions(), SearchOptions(objective="pareto")
+    assert accuracy.winner_bound is True and pareto.winner_bound is False
+
+    def refused(n_params, opts=accuracy, **attrs):
+        trial = study.ask()
+        for k, v in {"n_params": n_params, **attrs}.items():
+            trial.set_user_attr(k, v)
+        out = gate_winner_bound(TrialContext(opts, data=(), device="cpu"), TrialWriter(trial), None)
+        study.tell(trial, state=TrialState.PRUNED)
+        return out is not None
+
+    assert refused(7_443) and not refused(7_442) and not refused(1_000)
+    assert not refused(7_443, SearchOptions(winner_bound=False))
+    assert not refused(19_000, pareto)
+    for queued in ({"preset": "baseline"}, {"parent": 1}, {"rerun_of": 1}, {"retry_of": 3}, {"shrunk_from": 1}):
+        assert not refused(19_000, **queued), queued
+    assert refused(19_000)  # the same net, drawn by the sampler, is refused
+    empty = _accuracy_study()
+    trial = empty.ask()
+    trial.set_user_attr("n_params", 19_000)
+    assert gate_winner_bound(TrialContext(accuracy, data=(), device="cpu"), TrialWriter(trial), None) is None
