@@ -119,6 +119,19 @@ def test_certify_your_own_module_and_refuse_a_fully_connected_one(own_net, tmp_p
         load_checkpoint(cert["seeds"][0]["checkpoint"])
     module, payload = load_checkpoint(cert["seeds"][0]["checkpoint"], f"{own_net}:Small")
     assert type(module).__name__ == "Small" and payload["test_acc"] == cert["final_test_acc_mean"]
+    # A study's front.json that names this certificate: no trial's, and no spec to count its figures from.
+    from search.retrain import read_front
+
+    (tmp_path / "s").mkdir()
+    entry = {"trial": 0, "n_params": cert["n_params"], "val_acc": 0.5, "test_acc_mean": cert["final_test_acc_mean"],
+             "test_acc_std": 0.0, "test_acc_per_seed": [cert["final_test_acc_mean"]], "certified": False,
+             "failed_rules": [], "reused": True, "certificate": str(tmp_path / "certified" / "Small" / "certificate.json")}
+    (tmp_path / "s" / "front.json").write_text(json.dumps({"study": "s", "floor": 0.1, "seeds": 1, "target": 0.994,
+                                                            "entries": [entry]}))
+    front, problems = read_front(str(tmp_path), "s")
+    assert front["entries"] == [] and problems == [
+        f"{tmp_path / 's' / 'front.json'}: an entry is not shown: trial 0: {entry['certificate']} certifies a module, "
+        "not a trial"], problems
 
 
 def test_certify_a_stored_trial_keeps_one_certificate_per_network(tmp_path, data_root):
