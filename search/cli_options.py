@@ -78,9 +78,10 @@ Descend = _opt(Optional[bool], "Every other trial at most, an evolution step: a 
                                "(accuracy: of the incumbent), a tied member re-run; pareto, in turns: shrunk copies "
                                f"({SHRINKS} of the parameters) of the smallest trial at the target and at the floor "
                                "[default: on for --objective pareto, off for accuracy].")
-WinnerBound = _opt(Optional[bool], "Accuracy: reject, untrained, a sampled candidate with more parameters than the "
-                                   "current winner (the smallest completed net within the seed spread of the best) "
-                                   "[default: on for --objective accuracy, off for pareto].")
+WinnerBound = _opt(Optional[bool], "Accuracy: once the best has reached the target, reject, untrained, a sampled "
+                                   "candidate with more parameters than the current winner (the smallest completed "
+                                   "net within the seed spread of the best) [default: on for --objective accuracy, "
+                                   "off for pareto].")
 MaxMacs = _opt(Optional[int], "Budget: networks must have fewer MACs per image [default: no bound].",
                "max_figure", "--max-macs")
 MaxActivationBytes = _opt(Optional[int], "Budget: peak activation memory (int8 bytes, batch 1, the 28x28 input "

@@ -34,7 +34,7 @@ from search.engine import TrainConfig, epoch_line, fit, planned_engine
 from search.engine.runtime import stop_point
 from search.options import SearchOptions
 from search.pruning import floor_stop_reason, pareto_should_prune, rungs
-from search.choose import smallest_within_spread, winner_line
+from search.choose import accuracy, runs_of, smallest_within_spread, winner_line
 from search.evolution import STEP_ATTRS
 from search.record import Outcome, TrialWriter, candidates, count_trained, records
 from search.workers import claim_conflict, retry_source
@@ -117,14 +117,18 @@ def gate_winner_bound(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusa
     (search/choose.py). A sampled candidate with more parameters than the winner so far could take its place only by
     beating the best by more than that spread, which early epochs cannot tell (docs/search.md, rank fidelity); its
     training slot goes to nets that can. The constraint it is stored with (its parameters over the winner's) steers
-    the sampler to smaller nets. Presets, evolution steps and retries are queued on purpose and pass."""
+    the sampler to smaller nets. Only once the best has reached the study's target (--target; none: never): until
+    then the best is no ceiling, and a larger net may well beat it by points. Presets, evolution steps and retries
+    are queued on purpose and pass."""
     attrs = w.trial.user_attrs
     if not ctx.opts.winner_bound or any(attrs.get(k) is not None for k in ("preset", "retry_of", *STEP_ATTRS)):
         return None
     done = candidates(w.trial.study)
     if not done:
         return None
-    winner = smallest_within_spread(done)[0]
+    winner, top = smallest_within_spread(done)[:2]
+    if ctx.opts.target is None or accuracy(top, runs_of(done)) < ctx.opts.target:
+        return None  # under the target the nets are not yet the good ones, within tenths of a point of each other
     n_params = w.get("n_params")
     if n_params <= winner.n_params:
         return None

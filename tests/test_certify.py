@@ -119,7 +119,8 @@ def test_certify_your_own_module_and_refuse_a_fully_connected_one(own_net, tmp_p
         load_checkpoint(cert["seeds"][0]["checkpoint"])
     module, payload = load_checkpoint(cert["seeds"][0]["checkpoint"], f"{own_net}:Small")
     assert type(module).__name__ == "Small" and payload["test_acc"] == cert["final_test_acc_mean"]
-    # A study's front.json that names this certificate: no trial's, and no spec to count its figures from.
+    # A study's front.json that names this certificate: it does not verify without the module on the command line
+    # (and, were it verified, it certifies no trial and has no spec to count its figures from).
     from search.retrain import read_front
 
     (tmp_path / "s").mkdir()
@@ -130,8 +131,9 @@ def test_certify_your_own_module_and_refuse_a_fully_connected_one(own_net, tmp_p
                                                             "entries": [entry]}))
     front, problems = read_front(str(tmp_path), "s")
     assert front["entries"] == [] and problems == [
-        f"{tmp_path / 's' / 'front.json'}: an entry is not shown: trial 0: {entry['certificate']} certifies a module, "
-        "not a trial"], problems
+        f"{tmp_path / 's' / 'front.json'}: an entry is not shown: trial 0: the certificate is of the module "
+        f"{own_net}:Small; a file named inside a certificate is imported only when the command line names it too: "
+        "give --module PATH.py:CLASS"], problems
 
 
 def test_certify_a_stored_trial_keeps_one_certificate_per_network(tmp_path, data_root):

@@ -374,6 +374,12 @@ def test_the_winner_bound_passes_smaller_nets_queued_trials_and_pareto_searches(
     for queued in ({"preset": "baseline"}, {"parent": 1}, {"rerun_of": 1}, {"retry_of": 3}, {"shrunk_from": 1}):
         assert not refused(19_000, **queued), queued
     assert refused(19_000)  # the same net, drawn by the sampler, is refused
+    # Under the target (99.4% for MNIST) the best is no ceiling: no bound; none either without a target.
+    under = _accuracy_study((19_674, 0.9935), (7_442, 0.9930))
+    trial = under.ask()
+    trial.set_user_attr("n_params", 19_000)
+    assert gate_winner_bound(TrialContext(accuracy, data=(), device="cpu"), TrialWriter(trial), None) is None
+    assert refused(19_000) and not refused(19_000, SearchOptions(dataset="idx"))
     empty = _accuracy_study()
     trial = empty.ask()
     trial.set_user_attr("n_params", 19_000)
