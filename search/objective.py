@@ -4,7 +4,8 @@ returns a `Refusal` or nothing; `_refuse` records a refusal, the only place an u
     suggest           the space's choices -> (NetSpec, TrainConfig); an impossible layout is rejected
     budget            parameters, MACs and int8 bytes counted from the spec (search/budgets.py); at or over a
                       bound -> rejected (or repaired with --repair)
-    winner_bound      accuracy search: a sampled candidate larger than the current winner -> rejected
+    winner_bound      accuracy search, once the best reached --target: a sampled candidate larger than the
+                      current winner -> rejected
     receptive_field   under --min-rf pixels -> rejected
     duplicate         same spec and config as a stored trial -> its result is reused
     module            the built nn.Module checked again (defence in depth) -> rejected if it disagrees

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -329,8 +330,6 @@ def _gated(study: optuna.Study, spec, **user_attrs):
 
     study.enqueue_trial(space.encode(spec, TrainConfig(epochs=1), param_target=False), user_attrs=user_attrs)
     trial = study.ask()
-    import torch
-
     # data: only the training labels' count is read before training (the engine it would plan)
     ctx = TrialContext(SearchOptions(epochs=1, min_rf=1), data=(None, range(50_000)), device=torch.device("cpu"),
                        log=lambda _: None)
