@@ -138,7 +138,7 @@ def search(  # long: one line per option
     device: o.Device = DeviceName(SEARCH["device"]), jobs: o.Jobs = SEARCH["jobs"], subset: o.Subset = None,
     data_dir: o.DataDir = None, dataset: o.Dataset = SEARCH["dataset"], target: o.Target = None,
     floor: o.SearchFloor = None, descend: o.Descend = SEARCH["descend"], winner_bound: o.WinnerBound = None,
-    warm_start: o.WarmStart = SEARCH["warm_start"],
+    winner_descent: o.WinnerDescent = None, warm_start: o.WarmStart = SEARCH["warm_start"],
     repair: o.Repair = SEARCH["repair"], max_rejections: o.MaxRejections = SEARCH["max_rejections"],
     min_rf: o.MinRf = SEARCH["min_rf"], results_dir: o.SearchResultsDir = SEARCH["results_dir"],
     threads: o.Threads = None, heartbeat: o.Heartbeat = HEARTBEAT, worker_id: o.WorkerId = None,
@@ -154,7 +154,8 @@ def search(  # long: one line per option
                               size_metric=size_metric.value, objective=objective.value, sampler=sampler.value,
                               pruner=pruner.value, seed=seed, device=device.value, jobs=jobs, subset=subset,
                               data_dir=data_dir, dataset=dataset, target=percent(target), floor=percent(floor),
-                              descend=descend, winner_bound=winner_bound, warm_start=warm_start, repair=repair,
+                              descend=descend, winner_bound=winner_bound,
+                              winner_descent=winner_descent, warm_start=warm_start, repair=repair,
                               max_rejections=max_rejections, min_rf=min_rf, threads=threads)
         result = search_command(opts, log=log, on_trial_end=lambda study_obj, trial: print_trial_line(study_obj, trial,
                                                                                                       opts))

@@ -9,7 +9,7 @@ import typer
 
 from models.rules import RULES
 from search.option_table import (BOUNDS, DATA_ROOT, FLOOR_POINTS, INDEX, MNIST_FLOOR_PERCENT, MNIST_TARGET_PERCENT,
-                                 PERCENT, RUNGS, SEARCH, SEARCH_IMAGES, SHRINKS, TRAIN, Bound, DeviceName, Objective,
+                                 PERCENT, RUNGS, SEARCH, SEARCH_IMAGES, SHRINKS, TRAIN, WINNER_SHRINKS, Bound, DeviceName, Objective,
                                  OptimizerName, PrunerName, SamplerName, ScheduleName, SizeMetric)
 
 
@@ -82,6 +82,10 @@ WinnerBound = _opt(Optional[bool], "Accuracy: once the best has reached the targ
                                    "candidate with more parameters than the current winner (the smallest completed "
                                    "net within the seed spread of the best) [default: on for --objective accuracy, "
                                    "off for pareto].")
+WinnerDescent = _opt(Optional[bool], "Accuracy: once the best has reached the target, every other trial at most, "
+                                     f"the winner again with its widths fitted to {WINNER_SHRINKS} of its "
+                                     "parameters, stopped early only when it cannot come within the seed spread of "
+                                     "the best [default: on for --objective accuracy, off for pareto].")
 MaxMacs = _opt(Optional[int], "Budget: networks must have fewer MACs per image [default: no bound].",
                "max_figure", "--max-macs")
 MaxActivationBytes = _opt(Optional[int], "Budget: peak activation memory (int8 bytes, batch 1, the 28x28 input "

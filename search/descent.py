@@ -12,6 +12,14 @@ slot and the sampler keeps exploring; workers sharing the storage do not queue t
 (`skip_if_exists` guards the rest). Descendants are ordinary trials: they count towards --trials,
 are pruned like any other, and carry `shrunk_from` and `shrink` user attributes. The search calls it through the
 evolution step (search/evolution.py, `next_step`): descents and the evolution's children take turns in those slots.
+
+An accuracy search descends its winner instead (`next_winner_descent`, on by default: --no-winner-descent): once
+the best has reached the target, the winner (the smallest completed net within the seed spread of the best,
+search/choose.py) is queued again with its widths fitted to WINNER_SHRINK[0] of its parameters, then, if that did
+not become the winner, to WINNER_SHRINK[1]. Sampled draws seldom reach the end of a 20-epoch training among good
+nets (successive halving at epoch 1 is chance there: docs/search.md), so such a descendant is not halved; it stops
+early only when the study's completed curves say it cannot come within the seed spread of the best
+(search/pruning.py, `envelope_stop_reason`), judged from epoch 3.
 """
 
 from __future__ import annotations
@@ -19,10 +27,20 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
+from models.budget import count_params
+from search.budgets import Budget
+from search.choose import accuracy, runs_of, smallest_within_spread
 from search.record import TrialRecord
-from search.space import MIN_TARGET
+from search.space import ACCURACY_CHANNELS, MIN_TARGET, encode, params_key
+from search.widths import fit_widths
 
 SHRINK = (0.8, 0.9)  # a descendant's parameter target, as a fraction of its source's parameters: first, then milder
+# Winner descent (accuracy searches): the incumbent's parameter targets, as fractions of its parameters: first,
+# then milder. The winner is the smallest net within the seed spread of the best, and sampled nets larger than it
+# are refused (the winner bound), so the search's next winner can only be smaller; 0.6 asks for about 40% fewer
+# parameters, the step from a 19,674-parameter preset to the 11,000-12,000 winners of the seed-1 searches
+# (docs/search.md), 0.8 a milder one once that failed. Widths stay on the accuracy space's grid of 8.
+WINNER_SHRINK = (0.6, 0.8)
 
 
 def next_descent(trials: list[TrialRecord], levels: list[float]) -> tuple[dict, dict] | None:
@@ -64,3 +82,36 @@ def queue_descent(study: optuna.Study, levels: list[float]) -> None:
     step = next_descent([TrialRecord(t) for t in study.get_trials(deepcopy=False)], levels)
     if step is not None:
         study.enqueue_trial(step[0], user_attrs=step[1], skip_if_exists=True)
+
+
+def next_winner_descent(records: list[TrialRecord], target: float | None, slot_free: bool,
+                        budget: Budget | None = None) -> tuple[dict, dict] | None:
+    """(params, user_attrs) of the accuracy search's next winner descendant, or None: none while `slot_free` is
+    false (a step queued or training, or the trial completed last was one: every other slot at most), none before
+    the best has reached `target`, and none once the winner has been shrunk by every WINNER_SHRINK fraction (a
+    descendant that becomes the winner is shrunk in its turn). `records`: the study's finished candidates and
+    evolution steps (search/tally.py, `evolution_records`)."""
+    done = [r for r in records if r.is_candidate]
+    if not slot_free or target is None or not done:
+        return None
+    winner, top = smallest_within_spread(done)[:2]
+    if accuracy(top, runs_of(done)) < target:  # under the target the best is no bar (as the winner bound)
+        return None
+    tried = {r.attrs.get("shrink") for r in records if r.shrunk_from == winner.number}
+    known = {params_key(r.params) for r in records}
+    low, _, step = ACCURACY_CHANNELS
+    for fraction in WINNER_SHRINK:
+        if fraction in tried:
+            continue
+        goal = int(winner.n_params * fraction)
+        spec = fit_widths(winner.spec, goal, step=step, narrowest=low, shrink_only=True,
+                          fits=None if budget is None or budget.only_params else budget.fits)
+        if count_params(spec) > goal:  # even the narrowest widths are over: no descendant of this size
+            continue
+        try:
+            params = encode(spec, winner.config)
+        except ValueError:  # a repaired or hand-made spec outside the space: no descendant of it
+            return None
+        if params_key(params) not in known:
+            return params, {"shrunk_from": winner.number, "shrink": fraction}
+    return None

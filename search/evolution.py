@@ -32,7 +32,7 @@ from models.spec import SpecError
 from search.choose import accuracy, runs_of, seed_spread, smallest_within_spread
 from search.budgets import METRICS, Budget, figure_function, target_name
 from search.record import TrialRecord
-from search.space import ACCURACY_CHANNELS, PARETO_CHANNELS, decode, encode, mutations
+from search.space import ACCURACY_CHANNELS, PARETO_CHANNELS, decode, encode, mutations, params_key
 
 # Completed trials in the population: about the completed trials of a 50-trial search, so that the presets and the
 # sampler's first draws age out within a longer one. TOURNAMENT: members sampled per parent, a quarter of it as in
@@ -137,7 +137,7 @@ def child_step(parent: TrialRecord, pareto: bool, max_params: int, rng: random.R
             continue
         if pareto:  # fit_widths leaves a spec of its own target as it is
             params = {**params, target_name(metric): figure_function(metric)(spec)}
-        if _frozen(params) not in known:
+        if params_key(params) not in known:
             return params, {"parent": parent.number, "mutation": what}
     return None
 
@@ -164,12 +164,8 @@ def next_step(records: list[TrialRecord], pareto: bool, levels: list[float], see
     if descent_first and (step := descend()) is not None:
         return step
     parent = tournament(kept, runs, levels, rng, metric) if pareto else smallest_within_spread(done)[0]
-    known = {_frozen(r.params) for r in records}
+    known = {params_key(r.params) for r in records}
     step = child_step(parent, pareto, max_params, rng, known, budget)
     if step is None and descend is not None and not descent_first:
         return descend()
     return step
-
-
-def _frozen(params: dict) -> tuple:
-    return tuple(sorted((k, round(v, 9) if isinstance(v, float) else v) for k, v in params.items()))

@@ -34,7 +34,8 @@ from search.budgets import ATTRS, Budget, figures
 from search.engine import TrainConfig, epoch_line, fit, planned_engine
 from search.engine.runtime import stop_point
 from search.options import SearchOptions
-from search.pruning import floor_stop_reason, pareto_should_prune, rungs
+from search.pruning import (DESCENDANT_FROM_EPOCH, envelope_stop_reason, floor_stop_reason,
+                            pareto_should_prune, rungs)
 from search.choose import accuracy, runs_of, smallest_within_spread, winner_line
 from search.evolution import STEP_ATTRS
 from search.record import Outcome, TrialWriter, candidates, count_trained, records
@@ -259,6 +260,7 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
     so_far: list[dict] = []
     stop_reason: list[str] = []  # why the floor stop ended it (the default reason otherwise)
     rerun_of = trial.user_attrs.get("rerun_of")  # an evolution re-run of a front member trains to the end
+    winner_descendant = trial.user_attrs.get("shrunk_from") is not None  # in an accuracy search: the winner shrunk
 
     def on_epoch(record) -> bool:
         so_far.append(asdict(record))
@@ -267,7 +269,13 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
         last = record.epoch >= cfg.epochs  # trained in full: it completes, whatever a pruner would say of it now
         if not pareto:
             trial.report(record.val_acc, record.epoch)
-            return not last and rerun_of is None and trial.should_prune()
+            if last or rerun_of is not None:
+                return False
+            if winner_descendant:  # not halved: only the study's own curves stop it (search/descent.py)
+                why = winner_descent_stop(trial, record.epoch, max(e["val_acc"] for e in so_far), cfg.epochs)
+                stop_reason.extend([why] if why else [])
+                return why is not None
+            return trial.should_prune()
         if last or record.epoch not in ctx.pareto_rungs or rerun_of is not None:
             return False
         states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
@@ -309,6 +317,16 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
         raise optuna.TrialPruned(w.get("reason"))
     w.close(Outcome.COMPLETED, None)
     return (history.final_val_acc, _size(opts, w, c)) if pareto else history.final_val_acc
+
+
+def winner_descent_stop(trial: optuna.Trial, epoch: int, best_so_far: float, epochs: int) -> str | None:
+    """Why an accuracy search's winner descendant should stop after `epoch`, or None: at the rungs from epoch
+    DESCENDANT_FROM_EPOCH (its first epochs swing by points, as front descendants' do), when the study's completed
+    curves say it cannot come within the seed spread of the best (search/pruning.py, envelope_stop_reason)."""
+    if epoch < DESCENDANT_FROM_EPOCH or epoch not in rungs(epochs):
+        return None
+    done = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return envelope_stop_reason(done, trial.number, epoch, best_so_far, epochs)
 
 
 def _lineage(attrs: dict) -> str:

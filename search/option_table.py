@@ -10,7 +10,7 @@ from enum import Enum
 
 from models.rules import RULES
 from search.data import DEFAULT_ROOT, ENV_VAR, FILES, KNOWN, N_VAL, SIDE
-from search.descent import SHRINK
+from search.descent import SHRINK, WINNER_SHRINK
 from search.engine.config import DEVICES, OPTIMIZERS, SCHEDULES, TrainConfig
 from search.budgets import METRICS
 from search.options import FLOOR_BELOW_TARGET, MAX_FIGURE, OBJECTIVES, SAMPLERS, SearchOptions, default_floor
@@ -80,6 +80,7 @@ ScheduleName = choices("ScheduleName", SCHEDULES)
 HEARTBEAT = ",".join(map(str, SEARCH["heartbeat"]))
 RUNGS = ", ".join(map(str, rungs(RULES.max_epochs)))
 SHRINKS = ", then ".join(f"{s:g}" for s in SHRINK)
+WINNER_SHRINKS = ", then ".join(f"{s:g}" for s in WINNER_SHRINK)
 FLOOR_POINTS = f"{FLOOR_BELOW_TARGET * 100:g}"  # percentage points under the target
 MNIST_TARGET_PERCENT = f"{MNIST_TARGET * 100:g}"
 MNIST_FLOOR_PERCENT = f"{default_floor(MNIST_TARGET) * 100:.1f}"

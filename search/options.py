@@ -59,6 +59,9 @@ class SearchOptions:
     # Accuracy search: sampled candidates larger than the current winner are rejected untrained (objective.py,
     # gate_winner_bound). None: on for accuracy; a pareto search wants every size.
     winner_bound: bool | None = None
+    # Accuracy search: the winner queued again with fewer parameters (search/descent.py, next_winner_descent).
+    # None: on for accuracy; a pareto search descends its front instead (descend).
+    winner_descent: bool | None = None
     warm_start: bool = True
     repair: bool = False
     min_rf: int = MIN_RF  # receptive field in pixels: candidates seeing less of the digit are not trained
@@ -119,6 +122,11 @@ class SearchOptions:
             bad("winner_bound", "applies to --objective accuracy only (a pareto search trains every size)")
         if self.winner_bound is None:
             self.winner_bound = self.objective == "accuracy"
+        if self.winner_descent and self.objective == "pareto":
+            bad("winner_descent", "applies to --objective accuracy only (a pareto search descends its front: "
+                                  "--descend)")
+        if self.winner_descent is None:
+            self.winner_descent = self.objective == "accuracy"
 
     def _check_budget(self, bad) -> None:
         for name in ("max_macs", "max_activation_bytes", "max_model_bytes"):

@@ -25,8 +25,8 @@ from models.presets import PRESETS
 from models.spec import NetSpec
 from search import space
 from search.data import load_data
-from search.descent import next_descent
-from search.evolution import next_step
+from search.descent import next_descent, next_winner_descent
+from search.evolution import next_step, slot_free
 from search.engine import TrainConfig, resolve_device, to_device
 from search.engine.runtime import set_cpu_threads, signals_ignored, stop_point, use_bf16
 from search.errors import SearchError
@@ -170,11 +170,23 @@ class Bookkeeping:
             study.stop()
         elif self.opts.descend:
             self.queue_step(study, trial)
+        elif self.opts.winner_descent:
+            step = self.winner_descent()
+            if step is not None:
+                study.enqueue_trial(step[0], user_attrs=step[1], skip_if_exists=True)
+
+    def winner_descent(self) -> tuple[dict, dict] | None:
+        """An accuracy search's next winner descendant (search/descent.py), or None."""
+        records = self.tally.evolution_records()
+        return next_winner_descent(records, self.opts.target, slot_free(records), self.opts.budget)
 
     def queue_step(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        """The next evolution step (search/evolution.py), in a pareto search in turns with front descent's."""
+        """The next evolution step (search/evolution.py), in turns with front descent's (pareto) or the winner
+        descent's (accuracy, where on)."""
         levels = self.opts.descent_levels
         descend = (lambda: next_descent(self.tally.descent_records(), levels)) if levels else None
+        if self.opts.winner_descent:
+            descend = self.winner_descent
         rng = random.Random(f"{self.opts.seed}:{trial.number}")  # the same study state, the same step
         step = next_step(self.tally.evolution_records(), self.opts.objective == "pareto", levels, self.opts.seed,
                          self.opts.max_params, rng, descend, self.opts.budget)

@@ -383,3 +383,89 @@ def test_the_winner_bound_passes_smaller_nets_queued_trials_and_pareto_searches(
     trial = empty.ask()
     trial.set_user_attr("n_params", 19_000)
     assert gate_winner_bound(TrialContext(accuracy, data=(), device="cpu"), TrialWriter(trial), None) is None
+
+
+# ---- the winner descent (accuracy searches) ------------------------------------------------------------------------
+
+def _accuracy_done(number: int, spec, val: float, state=TrialState.COMPLETE, **attrs) -> TrialRecord:
+    """A stored trial of an accuracy study (no size target in its parameters), finished `number` minutes in."""
+    params = space.encode(spec, TrainConfig())
+    trial = create_trial(state=state, value=val if state == TrialState.COMPLETE else None, params=params,
+                         distributions={k: _distribution(v) for k, v in params.items()},
+                         user_attrs={"n_params": count_params(spec), "constraint": 0, "spec": spec.to_json(indent=None),
+                                     "config": TrainConfig().to_dict(), "history": [{"val_acc": val}],
+                                     "outcome": {TrialState.COMPLETE: "completed", TrialState.PRUNED: "pruned"}
+                                     .get(state, "queued"), **attrs})
+    trial.number = number
+    if state.is_finished():
+        trial.datetime_complete = START + timedelta(minutes=number)
+    return TrialRecord(trial)
+
+
+def test_the_winner_is_shrunk_to_0_6_then_0_8_of_its_parameters_once_the_best_reached_the_target():
+    from search.descent import next_winner_descent
+    from search.space import ACCURACY_CHANNELS, decode
+
+    baseline = _accuracy_done(0, PRESETS["baseline"], 0.9959)  # 19,674 params, the winner: nothing within 0.1
+    # Under the target (99.4%) the best is no bar yet: no descendant; none without a target; none while the slot is
+    # taken.
+    assert next_winner_descent([_accuracy_done(0, PRESETS["baseline"], 0.9930)], 0.994, True) is None
+    assert next_winner_descent([baseline], None, True) is None
+    assert next_winner_descent([baseline], 0.994, slot_free=False) is None
+    params, attrs = next_winner_descent([baseline], 0.994, True)
+    assert attrs == {"shrunk_from": 0, "shrink": 0.6}
+    spec, cfg = decode(params, ACCURACY_CHANNELS)
+    # The same layout and recipe, every width on the accuracy grid (multiples of 8) and none wider than the winner's.
+    assert widths(spec) == [16, 24, 8, 24, 24] and count_params(spec) == 11_146 <= 0.6 * 19_674
+    assert cfg.to_dict() == TrainConfig().to_dict()
+    # That descendant was pruned: the milder 0.8 next, then nothing more of this winner.
+    pruned = _accuracy_done(1, spec, 0.98, state=TrialState.PRUNED, **attrs)
+    params, attrs = next_winner_descent([baseline, pruned], 0.994, True)
+    assert attrs == {"shrunk_from": 0, "shrink": 0.8} and count_params(decode(params, ACCURACY_CHANNELS)[0]) == 14_378
+    milder = _accuracy_done(2, decode(params, ACCURACY_CHANNELS)[0], 0.9940, **attrs)  # 0.19 points under: no winner
+    assert next_winner_descent([baseline, pruned, milder], 0.994, True) is None
+    # A descendant within the seed spread of the best is the winner, and is shrunk in its turn.
+    close = _accuracy_done(2, decode(params, ACCURACY_CHANNELS)[0], 0.9955, **attrs)
+    params, attrs = next_winner_descent([baseline, pruned, close], 0.994, True)
+    assert attrs == {"shrunk_from": 2, "shrink": 0.6}
+    assert count_params(decode(params, ACCURACY_CHANNELS)[0]) <= 0.6 * 14_378
+    # A winner whose narrowest widths (8) are over the goal has no descendant of that size: micro (4,582 params).
+    assert next_winner_descent([_accuracy_done(0, PRESETS["micro"], 0.995)], 0.994, True) is None
+
+
+def test_a_winner_descendant_is_not_halved_and_stops_only_when_the_curves_say_it_cannot_reach_the_bar():
+    from search.objective import winner_descent_stop
+
+    study = optuna.create_study(direction="maximize")
+    for curve in ([0.965, 0.97, 0.98, 0.99, 0.995], [0.975, 0.98, 0.985, 0.987, 0.99]):  # gains after epoch 3: 1.5, 0.5
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=curve[-1], user_attrs={
+            "n_params": 10_000, "outcome": "completed", "constraint": 0,
+            "history": [{"val_acc": v} for v in curve]}))
+    trial = study.ask()
+    # Epochs 1 and 2: never judged (its first epochs swing), however low. Epoch 3, a rung of 5 epochs: the bar is
+    # 99.5 - 0.1 = 99.4%, the reach best-so-far + 1.5 + 0.5 points.
+    assert winner_descent_stop(trial, 1, 0.10, epochs=5) is None and winner_descent_stop(trial, 2, 0.10, epochs=5) is None
+    why = winner_descent_stop(trial, 3, 0.9739, epochs=5)
+    assert why.startswith("stopped after epoch 3 at 97.39%: cannot come within 0.1 points of the best (99.50%)")
+    assert winner_descent_stop(trial, 3, 0.9741, epochs=5) is None
+    assert winner_descent_stop(trial, 4, 0.10, epochs=5) is None  # not a rung (1, 3)
+
+
+def test_an_accuracy_search_trains_its_winner_shrunk_by_default(tmp_path, data_root):
+    from search.options import SearchError, SearchOptions
+    from search.study import run_search
+
+    assert SearchOptions().winner_descent is True and SearchOptions(objective="pareto").winner_descent is False
+    with pytest.raises(SearchError, match="--winner-descent=True: applies to --objective accuracy only"):
+        SearchOptions(objective="pareto", winner_descent=True)
+    # A target any trained net reaches, so that the first completed trial (the `baseline` preset) is the winner.
+    opts = SearchOptions(trials=3, study="descent", results_dir=str(tmp_path), epochs=1, subset=1_000,
+                         data_dir=str(data_root), device="cpu", target=0.05)
+    recs = {r.number: r for r in map(TrialRecord, run_search(opts, log=lambda _: None).study.get_trials())}
+    first = recs[0]
+    assert first.attrs.get("preset") == "baseline" and first.is_candidate
+    shrunk = [r for r in recs.values() if r.shrunk_from is not None]
+    assert [(r.number, r.shrunk_from, r.attrs["shrink"]) for r in shrunk] == [(1, 0, 0.6)]
+    assert shrunk[0].is_trained and shrunk[0].n_params == 11_146
+    # Every other slot at most: trial 2 is not a step.
+    assert recs[2].shrunk_from is None and recs[2].attrs.get("parent") is None
