@@ -178,7 +178,8 @@ class Bookkeeping:
     def winner_descent(self) -> tuple[dict, dict] | None:
         """An accuracy search's next winner descendant (search/descent.py), or None."""
         records = self.tally.evolution_records()
-        return next_winner_descent(records, self.opts.target, slot_free(records), self.opts.budget)
+        return next_winner_descent(records, self.opts.target, slot_free(records), self.opts.budget,
+                                   self.opts.seed)
 
     def queue_step(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """The next evolution step (search/evolution.py), in turns with front descent's (pareto) or the winner
