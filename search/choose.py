@@ -2,8 +2,9 @@
 net within the seed spread of the best validation accuracy), or the accuracy/size front above a floor.
 
 The seed spread: validation figures closer than it are one figure, as far as one training run can tell. A trial
-re-run with other seeds (the evolution's re-runs, search/evolution.py: user attribute `rerun_of`) counts as one
-network whose accuracy is the mean of its runs."""
+re-run with other seeds (user attribute `rerun_of`: the evolution's re-runs of tied members, search/evolution.py,
+and winner descent's re-run of the best, search/descent.py) counts as one network whose accuracy is the mean of
+its runs."""
 
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ def runs_of(done: list[TrialRecord]) -> dict[int, list[float]]:
         if source in runs:
             runs[source].append(r.values[0])
     return runs
+
+
+def rerun_seed(r: TrialRecord) -> int:
+    """The seed a re-run of `r` trains with: the one after its own (its stored config's), not after the worker's
+    --seed, so that a resumed study or a worker with another --seed never re-runs it with the seed it was trained
+    with (that run would be answered as a duplicate of it, and the re-run lost)."""
+    return r.config.seed + 1
 
 
 def seed_spread(done: list[TrialRecord]) -> tuple[float, str]:

@@ -29,7 +29,7 @@ from typing import Callable
 
 from models.budget import count_params
 from models.spec import SpecError
-from search.choose import accuracy, runs_of, seed_spread, smallest_within_spread
+from search.choose import accuracy, rerun_seed, runs_of, seed_spread, smallest_within_spread
 from search.budgets import METRICS, Budget, figure_function, target_name
 from search.record import TrialRecord
 from search.space import ACCURACY_CHANNELS, PARETO_CHANNELS, decode, encode, mutations, params_key
@@ -103,14 +103,13 @@ def tournament(members: list[TrialRecord], runs: dict, levels: list[float], rng:
     return max(sample, key=lambda r: (accuracy(r, runs), -r.size(metric), -r.number))
 
 
-def rerun_step(records: list[TrialRecord], tied: list[TrialRecord], seed: int,
-               metric: str = "params") -> tuple[dict, dict] | None:
+def rerun_step(records: list[TrialRecord], tied: list[TrialRecord], metric: str = "params") -> tuple[dict, dict] | None:
     """(params, user_attrs) re-running the smallest tied member (by `metric`) with the next seed, or None if each
     has one."""
     rerun = {r.attrs["rerun_of"] for r in records if r.attrs.get("rerun_of") is not None}
     for r in sorted(tied, key=lambda r: (r.size(metric), r.number)):
         if r.number not in rerun:
-            return {**r.params, "seed": seed + 1}, {"rerun_of": r.number, "seed": seed + 1}
+            return {**r.params, "seed": rerun_seed(r)}, {"rerun_of": r.number, "seed": rerun_seed(r)}
     return None
 
 
@@ -142,11 +141,12 @@ def child_step(parent: TrialRecord, pareto: bool, max_params: int, rng: random.R
     return None
 
 
-def next_step(records: list[TrialRecord], pareto: bool, levels: list[float], seed: int, max_params: int,
+def next_step(records: list[TrialRecord], pareto: bool, levels: list[float], max_params: int,
               rng: random.Random, descend: Callable[[], tuple | None] | None = None,
-              budget: Budget | None = None) -> tuple[dict, dict] | None:
+              budget: Budget | None = None, taken: frozenset = frozenset()) -> tuple[dict, dict] | None:
     """(params, user_attrs) of the step to queue now, or None: a re-run of a tied front member first, else, in
-    turns with front descent where `descend` gives its step (search/descent.py), a child of the parent."""
+    turns with front descent where `descend` gives its step (search/descent.py), a child of the parent. `taken`:
+    parameter keys (space.params_key) of trials the records do not hold, which no step repeats."""
     if not slot_free(records):
         return None
     done = [r for r in records if r.is_candidate]
@@ -156,15 +156,15 @@ def next_step(records: list[TrialRecord], pareto: bool, levels: list[float], see
     runs, spread = runs_of(done), seed_spread(done)[0]
     metric = budget.size_metric if budget is not None else "params"
     kept, tied = front(members, runs, spread, metric)
-    step = rerun_step(records, tied, seed, metric)
-    if step is not None:
+    step = rerun_step(records, tied, metric)
+    if step is not None and params_key(step[0]) not in taken:
         return step
     last = max((r for r in records if is_step(r)), key=lambda r: r.number, default=None)
     descent_first = descend is not None and (last is None or last.shrunk_from is None)
     if descent_first and (step := descend()) is not None:
         return step
     parent = tournament(kept, runs, levels, rng, metric) if pareto else smallest_within_spread(done)[0]
-    known = {params_key(r.params) for r in records}
+    known = {params_key(r.params) for r in records} | taken
     step = child_step(parent, pareto, max_params, rng, known, budget)
     if step is None and descend is not None and not descent_first:
         return descend()

@@ -8,7 +8,7 @@ import math
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.choose import seed_spread
+from search.choose import accuracy, runs_of, smallest_within_spread
 from search.record import TrialRecord
 
 PRUNERS = ("sha", "hyperband", "median", "envelope", "none")
@@ -110,15 +110,16 @@ def envelope_stop_reason(trials: list[FrozenTrial], number: int, epoch: int, bes
                          epochs: int) -> str | None:
     """Why an accuracy trial at `epoch` should stop, or None: its best validation accuracy so far, plus the largest
     gain after `epoch` among the study's completed full-length trials, plus FLOOR_MARGIN, stays under the bar, the
-    best completed trial's final accuracy less the seed spread (search/choose.py): it cannot join the nets the
-    winner is chosen from. Judged at every rung, epoch 1 included: there only a net that cannot catch up by the
+    best network's accuracy (the mean of its runs, where the best was re-run) less the seed spread: the bar the
+    winner is chosen against (search/choose.py, `smallest_within_spread`), so it cannot join the nets the winner is
+    chosen from. Judged at every rung, epoch 1 included: there only a net that cannot catch up by the
     completed trials' own curves stops, however the good nets rank there. Needs FLOOR_REFERENCES completed trials."""
     done = [r for r in map(TrialRecord, trials) if r.number != number and r.is_candidate]
     gains = later_gains(trials, number, epoch, epochs, level=-math.inf)
-    if len(gains) < FLOOR_REFERENCES:
+    if len(gains) < FLOOR_REFERENCES or not done:
         return None
-    spread = seed_spread(done)[0]
-    bar = max(r.values[0] for r in done) - spread
+    top, spread = smallest_within_spread(done)[1:3]
+    bar = accuracy(top, runs_of(done)) - spread
     if best_so_far + max(gains) + FLOOR_MARGIN >= bar:
         return None
     return (f"stopped after epoch {epoch} at {best_so_far:.2%}: cannot come within {spread * 100:.2g} points of the "
