@@ -87,7 +87,7 @@ WinnerDescent = _opt(Optional[bool], "Accuracy: once the best has reached the ta
                                      "parameters, stopped early only when it cannot come within the seed spread of "
                                      "the best; a best of one run that bars a net within two spreads is re-run once "
                                      "with the next seed first; it costs full trainings: seed 0's default search "
-                                     "took 49 instead of 14 minutes on 2 cores [default: off].")
+                                     "took 49 instead of 15 minutes on 2 cores [default: off].")
 MaxMacs = _opt(Optional[int], "Budget: networks must have fewer MACs per image [default: no bound].",
                "max_figure", "--max-macs")
 MaxActivationBytes = _opt(Optional[int], "Budget: peak activation memory (int8 bytes, batch 1, the 28x28 input "

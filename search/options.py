@@ -60,7 +60,7 @@ class SearchOptions:
     # gate_winner_bound). None: on for accuracy; a pareto search wants every size.
     winner_bound: bool | None = None
     # Accuracy search: the winner queued again with fewer parameters (search/descent.py, next_winner_descent).
-    # None: off. On, seed 0's default search took 49 minutes instead of 14 on the 2-core CPU, for a winner of 13,594
+    # None: off. On, seed 0's default search took 49 minutes instead of 15 on the 2-core CPU, for a winner of 13,594
     # or 14,258 parameters instead of 17,866 (docs/search.md, "Winner descent"). Pareto descends its front instead.
     winner_descent: bool | None = None
     warm_start: bool = True
