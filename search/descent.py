@@ -32,8 +32,8 @@ from optuna.trial import TrialState
 from models.budget import count_params
 from search.budgets import Budget
 from search.choose import accuracy, rerun_seed, runs_of, smallest_within_spread
-from search.record import TrialRecord
-from search.space import ACCURACY_CHANNELS, MIN_TARGET, encode, params_key
+from search.record import TrialRecord, params_key
+from search.space import ACCURACY_CHANNELS, MIN_TARGET, encode
 from search.widths import fit_widths
 
 SHRINK = (0.8, 0.9)  # a descendant's parameter target, as a fraction of its source's parameters: first, then milder
@@ -100,8 +100,8 @@ def next_winner_descent(records: list[TrialRecord], target: float | None, slot_f
     false (a step queued or training, or the trial completed last was one: every other slot at most), none before
     the best has reached `target`, and none once the winner has been shrunk by every WINNER_SHRINK fraction (a
     descendant that becomes the winner is shrunk in its turn). `records`: the study's finished candidates and
-    evolution steps (search/tally.py, `evolution_records`); `taken`: parameter keys (space.params_key) of trials
-    they do not hold (search/study.py, `Bookkeeping.taken`), which no step repeats."""
+    evolution steps (search/tally.py, `evolution_records`); `taken`: the parameter keys (record.params_key) of every
+    trial of the study (search/tally.py, `params_keys`), which no step repeats: Optuna would not queue it."""
     done = [r for r in records if r.is_candidate]
     if not slot_free or target is None or not done:
         return None

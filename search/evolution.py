@@ -31,8 +31,8 @@ from models.budget import count_params
 from models.spec import SpecError
 from search.choose import accuracy, rerun_seed, runs_of, seed_spread, smallest_within_spread
 from search.budgets import METRICS, Budget, figure_function, target_name
-from search.record import TrialRecord
-from search.space import ACCURACY_CHANNELS, PARETO_CHANNELS, decode, encode, mutations, params_key
+from search.record import TrialRecord, params_key
+from search.space import ACCURACY_CHANNELS, PARETO_CHANNELS, decode, encode, mutations
 
 # Completed trials in the population: about the completed trials of a 50-trial search, so that the presets and the
 # sampler's first draws age out within a longer one. TOURNAMENT: members sampled per parent, a quarter of it as in
@@ -146,7 +146,7 @@ def next_step(records: list[TrialRecord], pareto: bool, levels: list[float], max
               budget: Budget | None = None, taken: frozenset = frozenset()) -> tuple[dict, dict] | None:
     """(params, user_attrs) of the step to queue now, or None: a re-run of a tied front member first, else, in
     turns with front descent where `descend` gives its step (search/descent.py), a child of the parent. `taken`:
-    parameter keys (space.params_key) of trials the records do not hold, which no step repeats."""
+    the parameter keys (record.params_key) of every trial of the study, which no step repeats."""
     if not slot_free(records):
         return None
     done = [r for r in records if r.is_candidate]

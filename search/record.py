@@ -59,6 +59,11 @@ TRAINED = frozenset({Outcome.TRAINING, Outcome.COMPLETED, Outcome.PRUNED, Outcom
 STALE_REASON = "its worker stopped (killed?): found dead or silent past the heartbeat grace"
 
 
+def params_key(params: dict) -> tuple:
+    """What tells two trials' fixed parameters apart (floats to 9 places), for the steps' duplicate checks."""
+    return tuple(sorted((k, round(v, 9) if isinstance(v, float) else v) for k, v in params.items()))
+
+
 class TrialRecord:
     """A stored trial, typed: read-only properties over a FrozenTrial's state, values and user attributes."""
 
@@ -73,6 +78,9 @@ class TrialRecord:
     state = property(lambda self: self.trial.state)
     values = property(lambda self: self.trial.values)
     params = property(lambda self: self.trial.params)
+    # The parameters Optuna's `enqueue_trial(skip_if_exists=True)` compares a queued step with: a queued trial's
+    # fixed ones (its `params` stay empty until it runs), else those it was suggested.
+    fixed_params = property(lambda self: self.trial.system_attrs.get("fixed_params", self.trial.params))
     n_params = property(lambda self: self.attrs.get("n_params"))
     receptive_field = property(lambda self: self.attrs.get("receptive_field"))
     macs = property(lambda self: self.attrs.get("macs"))

@@ -202,11 +202,6 @@ RECIPE_STEPS = {"label_smoothing": 0.025, "augment": 0.25, "dropout": 0.025}
 RECIPE_RANGES = {"label_smoothing": LABEL_SMOOTHING, "augment": AUGMENT, "dropout": DROPOUT}
 
 
-def params_key(params: dict) -> tuple:
-    """What tells two trials' fixed parameters apart (floats to 9 places), for the steps' duplicate checks."""
-    return tuple(sorted((k, round(v, 9) if isinstance(v, float) else v) for k, v in params.items()))
-
-
 def decode(params: dict, channels: tuple[int, int, int], num_classes: int = 10) -> tuple[NetSpec, TrainConfig]:
     """The spec and config `suggest` makes of fixed `params` (widths as given: no parameter target is fitted).
     Raises SpecError for a layout that shrinks the map below 1x1."""

@@ -151,10 +151,6 @@ _QUIET = _QuietHandledFailures()
 logging.getLogger("optuna.study._optimize").addFilter(_QUIET)  # the logger that reports failed trials
 
 
-# Steps `Bookkeeping.enqueue` asks for after one trial at most: each one Optuna passes over is never asked again.
-MAX_TAKEN_PICKS = 8
-
-
 class Bookkeeping:
     """What `run_search` does after each trial: the caller's `on_trial_end`, a stop asked for meanwhile, the stop
     at --trials trained trials, and the next evolution step or front descendant. It reads only the trials that changed since the
@@ -165,9 +161,6 @@ class Bookkeeping:
                  on_trial_end: Callable[[optuna.Study, FrozenTrial], None] | None = None):
         self.opts, self.on_trial_end = opts, on_trial_end
         self.tally = tally_of(study).refresh()  # the one full read, before the first trial
-        # Parameters (space.params_key) of steps Optuna did not queue: a trial with them exists already (a halved
-        # preset, a pruned or rejected draw) that the steps' records do not hold; the steps pass them over.
-        self.taken: set[tuple] = set()
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if self.on_trial_end:
@@ -178,27 +171,15 @@ class Bookkeeping:
         elif self.opts.descend:
             self.queue_step(study, trial)
         elif self.opts.winner_descent:
-            self.enqueue(study, self.winner_descent)
-
-    def enqueue(self, study: optuna.Study, pick: Callable[[], tuple[dict, dict] | None]) -> None:
-        """Queue the step `pick` names. Where Optuna passes it over (`skip_if_exists`: a trial with those parameters
-        exists already), its parameters join `taken` and `pick` is asked again: the step's next choice, not the same
-        one after every trial while the rest never come."""
-        for _ in range(MAX_TAKEN_PICKS):
-            step = pick()
-            if step is None:
-                return
-            before = len(study.get_trials(deepcopy=False))
-            study.enqueue_trial(step[0], user_attrs=step[1], skip_if_exists=True)
-            if len(study.get_trials(deepcopy=False)) > before:
-                return
-            self.taken.add(space.params_key(step[0]))
+            step = self.winner_descent()
+            if step is not None:
+                study.enqueue_trial(step[0], user_attrs=step[1], skip_if_exists=True)
 
     def winner_descent(self) -> tuple[dict, dict] | None:
         """An accuracy search's next winner descendant (search/descent.py), or None."""
         records = self.tally.evolution_records()
         return next_winner_descent(records, self.opts.target, slot_free(records), self.opts.budget,
-                                   frozenset(self.taken))
+                                   self.tally.params_keys())
 
     def queue_step(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """The next evolution step (search/evolution.py), in turns with front descent's (pareto) or the winner
@@ -208,9 +189,10 @@ class Bookkeeping:
         if self.opts.winner_descent:
             descend = self.winner_descent
         rng = random.Random(f"{self.opts.seed}:{trial.number}")  # the same study state, the same step
-        self.enqueue(study, lambda: next_step(self.tally.evolution_records(), self.opts.objective == "pareto",
-                                              levels, self.opts.max_params, rng, descend, self.opts.budget,
-                                              frozenset(self.taken)))
+        step = next_step(self.tally.evolution_records(), self.opts.objective == "pareto", levels,
+                         self.opts.max_params, rng, descend, self.opts.budget, self.tally.params_keys())
+        if step is not None:
+            study.enqueue_trial(step[0], user_attrs=step[1], skip_if_exists=True)
 
 
 def run_search(opts: SearchOptions, log: Callable[[str], None] = print, progress: bool | None = None,

@@ -17,7 +17,7 @@ import weakref
 
 import optuna
 
-from search.record import TrialRecord
+from search.record import TrialRecord, params_key
 
 
 class StudyTally:
@@ -34,6 +34,9 @@ class StudyTally:
         self._best: TrialRecord | None = None
         self._descent = _DescentInputs()
         self._evolution: dict[int, TrialRecord] = {}  # finished candidates and evolution steps (search/evolution.py)
+        # Every trial's parameters (record.params_key), queued ones included: Optuna's enqueue_trial passes over a
+        # step with any of them (skip_if_exists), so the steps choose among the others.
+        self._keys: set[tuple] = set()
 
     def refresh(self) -> StudyTally:
         """Read the trials that are new or were not finished at the last look, and take them in."""
@@ -49,6 +52,7 @@ class StudyTally:
         return self
 
     def _take(self, r: TrialRecord) -> None:
+        self._keys.add(params_key(r.fixed_params))  # a running trial's, again once it has all its parameters
         if not r.state.is_finished():
             self._open[r.number] = r
             return
@@ -76,6 +80,11 @@ class StudyTally:
         """Trials that used a training slot, as `record.count_trained`."""
         with self._lock:
             return self._trained + sum(r.is_trained for r in self._open.values())
+
+    def params_keys(self) -> frozenset:
+        """The parameter keys of every trial looked at (see `_keys`)."""
+        with self._lock:
+            return frozenset(self._keys)
 
     def best(self) -> TrialRecord | None:
         """The feasible completed trial with the highest validation accuracy (fewer parameters break ties)."""
