@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.rules import RULES  # noqa: E402
-from search.record import (TRAINED, candidates, leaderboard, outcome_counts, records, smallest_reaching,  # noqa: E402
+from search.record import (TRAINED, accuracy, candidates, leaderboard, outcome_counts, records, smallest_reaching,  # noqa: E402
                            study_size_metric)
 from search.storage import default_storage_url, load_existing_study  # noqa: E402
 
@@ -43,17 +43,17 @@ def main() -> None:
     print(f"epochs trained {epochs} of {budget} without pruning ({epochs / max(budget, 1):.0%}); "
           f"training time {sum(r.wall_s or 0 for r in trained) / 60:.1f} min; "
           f"device {', '.join(sorted({r.device for r in trained if r.device}))}")
-    top = leaderboard(study)
+    top, runs = leaderboard(study)
     if top:
-        print(f"best validation accuracy {top[0].values[0]:.2%} at {top[0].n_params:,} params (trial {top[0].number})")
+        print(f"best validation accuracy {accuracy(top[0], runs):.2%} at {top[0].n_params:,} params (trial {top[0].number})")
         small = smallest_reaching(candidates(study), target, study_size_metric(study))
         if small:
-            reached = sum(r.values[0] >= target for r in top)
-            print(f"smallest at or above {target:.1%}: {small.n_params:,} params, {small.values[0]:.2%} "
-                  f"(trial {small.number}); {reached} trials reached the target")
-    print("top 5 completed:")
+            reached = sum(accuracy(r, runs) >= target for r in top)
+            print(f"smallest at or above {target:.1%}: {small.n_params:,} params, {accuracy(small, runs):.2%} "
+                  f"(trial {small.number}); {reached} networks reached the target")
+    print("top 5 completed networks (a re-run counts with its original; the mean of its runs):")
     for r in top[:5]:
-        print(f"  trial {r.number}: {r.values[0]:.2%}, {r.n_params:,} params, RF {r.receptive_field}, "
+        print(f"  trial {r.number}: {accuracy(r, runs):.2%} over {len(runs[r.number])} run(s), {r.n_params:,} params, RF {r.receptive_field}, "
               f"{r.config.optimizer} lr {r.config.lr:.3g}")
 
 

@@ -13,25 +13,14 @@ import statistics
 import optuna
 
 from search.budgets import describe
-from search.record import (Outcome, TrialRecord, candidates, pareto_front, records, smallest_reaching,
-                           study_size_metric)
+from search.record import (Outcome, TrialRecord, accuracy, best_of, candidates, pareto_front, records,  # noqa: F401
+                           runs_of, smallest_reaching, study_size_metric)
 from search.storage import SearchError
 
 # Fraction: the largest 3-seed sample standard deviation of final-epoch test accuracy among the certified networks
 # in the README's table (docs/search.md has their commands), the spread until the study has its own.
 SEED_SPREAD = 0.001
 SPREAD_MIN_GROUPS = 3  # networks trained with two or more seeds in the study before its own spread replaces it
-
-
-def runs_of(done: list[TrialRecord]) -> dict[int, list[float]]:
-    """Validation accuracy of every run of each network, keyed by the original trial's number: its own value, then
-    those of its completed re-runs (`rerun_of`)."""
-    runs = {r.number: [r.values[0]] for r in done if r.attrs.get("rerun_of") is None}
-    for r in done:
-        source = r.attrs.get("rerun_of")
-        if source in runs:
-            runs[source].append(r.values[0])
-    return runs
 
 
 def rerun_seed(r: TrialRecord) -> int:
@@ -49,11 +38,6 @@ def seed_spread(done: list[TrialRecord]) -> tuple[float, str]:
         return SEED_SPREAD, "the measured 3-seed spread"
     pooled = statistics.fmean(statistics.variance(v) for v in groups) ** 0.5
     return pooled, f"the spread of the study's {len(groups)} re-run networks"
-
-
-def accuracy(r: TrialRecord, runs: dict[int, list[float]]) -> float:
-    """The network's validation accuracy: the mean of its runs (its own value where it has no re-run)."""
-    return statistics.fmean(runs.get(r.number, [r.values[0]]))
 
 
 def smallest_within_spread(done: list[TrialRecord], metric: str = "params") -> tuple[TrialRecord, TrialRecord,
@@ -109,22 +93,24 @@ def pick_winner(study: optuna.Study, trial_number: int | None = None, target: fl
     if target is not None:
         smallest = smallest_reaching(done, target, study_size_metric(study))
         if smallest is None:
-            top = max(r.values[0] for r in done)
-            raise SearchError(f"no completed trial reached {target:.2%} validation accuracy (the best has {top:.2%}); "
-                              "lower --target or search longer")
+            top = best_of(done)
+            raise SearchError(f"no completed network reached {target:.2%} validation accuracy (the best has "
+                              f"{accuracy(top, runs_of(done)):.2%}); lower --target or search longer")
         return smallest
     return smallest_within_spread(done, study_size_metric(study))[0]
 
 
 def front_to_certify(study: optuna.Study, floor: float) -> list[TrialRecord]:
-    """The trials on the accuracy/size front whose validation accuracy is at least `floor`, smallest first."""
+    """The networks on the accuracy/size front whose validation accuracy (the mean of their runs) is at least
+    `floor`, smallest first."""
     done = candidates(study)
     if not done:
         raise SearchError(f"study {study.study_name!r} has no completed trial within the budget yet; run search "
                           "until one completes")
-    front = [r for r in pareto_front(done, study_size_metric(study)) if r.values[0] >= floor]
+    runs = runs_of(done)
+    front = [r for r in pareto_front(done, study_size_metric(study)) if accuracy(r, runs) >= floor]
     if not front:
-        top = max(r.values[0] for r in done)
-        raise SearchError(f"no trial on the front reached the floor of {floor:.2%} validation accuracy (the best has "
-                          f"{top:.2%}); lower --floor")
+        top = best_of(done)
+        raise SearchError(f"no network on the front reached the floor of {floor:.2%} validation accuracy (the best "
+                          f"has {accuracy(top, runs):.2%}); lower --floor")
     return front

@@ -9,7 +9,7 @@ from rich.table import Table
 from models.rules import RULES
 from search.budgets import front_columns
 from search.choose import winner_line
-from search.record import Outcome, TrialRecord, leaderboard
+from search.record import Outcome, TrialRecord, accuracy, candidates, leaderboard
 from search.storage import describe_storage
 from search.tally import tally_of
 
@@ -63,8 +63,8 @@ def print_trial_line(study_obj, trial, opts) -> None:
     tally = tally_of(study_obj).refresh()
     counts = tally.counts()
     figure = f"val {record.values[0]:.2%}" if record.values else record.reason
-    top = tally.best()
-    top_line = "-" if top is None else f"{top.values[0]:.2%} at {top.n_params:,} params (trial {top.number})"
+    top = tally.best_network()
+    top_line = "-" if top is None else f"{top[1]:.2%} at {top[0].n_params:,} params (trial {top[0].number})"
     seconds = f", {record.wall_s:.0f} s" if record.wall_s else ""
     console.print(
         f"trial {trial.number} {record.outcome}: {record.n_params or 0:,} params, {figure}{seconds} | "
@@ -75,16 +75,18 @@ def print_trial_line(study_obj, trial, opts) -> None:
 def print_leaderboard(result, opts) -> None:
     from search.run import summary_line
 
-    done = leaderboard(result.study)
+    nets, runs = leaderboard(result.study)
     table = Table(title=summary_line(opts.study, result.trained, result.counts, result.wall_s), title_justify="left")
-    for col in ("trial", "val acc", "params", "RF", "epochs", "optimizer", "lr", "seconds"):
+    # "val acc" is the network's: the mean over its runs (a re-run with another seed counts with its original).
+    for col in ("trial", "val acc", "runs", "params", "RF", "epochs", "optimizer", "lr", "seconds"):
         table.add_column(col, justify="right")
-    for r in done[:10]:
-        table.add_row(str(r.number), f"{r.values[0]:.2%}", f"{r.n_params:,}", str(r.receptive_field),
-                      str(r.epochs_trained), r.config.optimizer, f"{r.config.lr:.3g}", f"{r.wall_s or 0:.0f}")
+    for r in nets[:10]:
+        table.add_row(str(r.number), f"{accuracy(r, runs):.2%}", str(len(runs[r.number])), f"{r.n_params:,}",
+                      str(r.receptive_field), str(r.epochs_trained), r.config.optimizer, f"{r.config.lr:.3g}",
+                      f"{r.wall_s or 0:.0f}")
     console.print(table)
-    if done and opts.objective == "accuracy":  # the network `best` certifies (search/choose.py)
-        console.print("winner: " + winner_line(done), highlight=False)
+    if nets and opts.objective == "accuracy":  # the network `best` certifies (search/choose.py)
+        console.print("winner: " + winner_line(candidates(result.study)), highlight=False)
     console.print(f"stored in {describe_storage(opts.storage_url)}; trials table: {result.csv_path}")
 
 

@@ -272,7 +272,8 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
             if last or rerun_of is not None:
                 return False
             if winner_descendant:  # not halved: only the study's own curves stop it (search/descent.py)
-                why = winner_descent_stop(trial, record.epoch, max(e["val_acc"] for e in so_far), cfg.epochs)
+                why = winner_descent_stop(trial, record.epoch, max(e["val_acc"] for e in so_far), cfg.epochs,
+                                          opts.pruner)
                 stop_reason.extend([why] if why else [])
                 return why is not None
             return trial.should_prune()
@@ -319,11 +320,13 @@ def _train(ctx: TrialContext, w: TrialWriter, c: Candidate):
     return (history.final_val_acc, _size(opts, w, c)) if pareto else history.final_val_acc
 
 
-def winner_descent_stop(trial: optuna.Trial, epoch: int, best_so_far: float, epochs: int) -> str | None:
+def winner_descent_stop(trial: optuna.Trial, epoch: int, best_so_far: float, epochs: int,
+                        pruner: str) -> str | None:
     """Why an accuracy search's winner descendant should stop after `epoch`, or None: at the rungs from epoch
     DESCENDANT_FROM_EPOCH (its first epochs swing by points, as front descendants' do), when the study's completed
-    curves say it cannot come within the seed spread of the best (search/pruning.py, envelope_stop_reason)."""
-    if epoch < DESCENDANT_FROM_EPOCH or epoch not in rungs(epochs):
+    curves say it cannot come within the seed spread of the best (search/pruning.py, envelope_stop_reason). Never
+    under `--pruner none`: that search stops no trial early."""
+    if pruner == "none" or epoch < DESCENDANT_FROM_EPOCH or epoch not in rungs(epochs):
         return None
     done = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return envelope_stop_reason(done, trial.number, epoch, best_so_far, epochs)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from enum import Enum
 from functools import cached_property
 from typing import Iterable
@@ -174,10 +175,6 @@ class TrialRecord:
     def config(self) -> TrainConfig:
         return TrainConfig.from_dict(self.attrs["config"])
 
-    def rank(self) -> tuple:
-        """The winner's sort key: higher validation accuracy, then fewer parameters. max() of it is the best."""
-        return (self.values[0], -(self.n_params or 0))
-
 
 def study_dataset(study: optuna.Study) -> str:
     """The set a study searched (a study made before --dataset existed searched MNIST)."""
@@ -207,33 +204,63 @@ def candidates(study: optuna.Study) -> list[TrialRecord]:
     return [r for r in records(study, (TrialState.COMPLETE,)) if r.is_candidate]
 
 
+def runs_of(done: list[TrialRecord]) -> dict[int, list[float]]:
+    """Validation accuracy of every run of each network, keyed by the original trial's number: its own value, then
+    those of its completed re-runs (user attribute `rerun_of`: the evolution's re-runs of tied members and winner
+    descent's re-run of the best). A re-run is never a network of its own; one whose original is not in `done` is
+    left out."""
+    runs = {r.number: [r.values[0]] for r in done if r.attrs.get("rerun_of") is None}
+    for r in done:
+        source = r.attrs.get("rerun_of")
+        if source in runs:
+            runs[source].append(r.values[0])
+    return runs
+
+
+def accuracy(r: TrialRecord, runs: dict[int, list[float]]) -> float:
+    """The network's validation accuracy: the mean of its runs (its own value where it has no re-run)."""
+    return statistics.fmean(runs.get(r.number, [r.values[0]]))
+
+
+def networks(done: list[TrialRecord]) -> tuple[list[TrialRecord], dict[int, list[float]]]:
+    """(the networks among `done`: every trial but the re-runs, in the order given; `runs_of(done)`)."""
+    runs = runs_of(done)
+    return [r for r in done if r.number in runs], runs
+
+
 def best_of(done: list[TrialRecord]) -> TrialRecord | None:
-    """The trial with the highest validation accuracy (fewer parameters break ties); None if there is none."""
-    return max(done, key=TrialRecord.rank) if done else None
+    """The network with the highest validation accuracy, the mean of its runs (fewer parameters, then the lower
+    number, break ties); None if there is none."""
+    nets, runs = networks(done)
+    return max(nets, key=lambda r: (accuracy(r, runs), -(r.n_params or 0), -r.number)) if nets else None
 
 
 def best(study: optuna.Study) -> TrialRecord | None:
-    """The feasible completed trial with the highest validation accuracy (fewer parameters break ties)."""
+    """The feasible completed network with the highest validation accuracy (`best_of`)."""
     return best_of(candidates(study))
 
 
-def leaderboard(study: optuna.Study) -> list[TrialRecord]:
-    return sorted(candidates(study), key=TrialRecord.rank, reverse=True)
+def leaderboard(study: optuna.Study) -> tuple[list[TrialRecord], dict[int, list[float]]]:
+    """(the study's networks, best first as `best_of` ranks them; their runs): re-runs count with their original."""
+    nets, runs = networks(candidates(study))
+    return sorted(nets, key=lambda r: (accuracy(r, runs), -(r.n_params or 0), -r.number), reverse=True), runs
 
 
 def smallest_reaching(done: list[TrialRecord], target: float, metric: str = "params") -> TrialRecord | None:
-    """The smallest network by `metric` whose validation accuracy reached `target` (higher accuracy, then fewer
-    parameters, break ties)."""
-    reached = [r for r in done if r.values[0] >= target]
-    return min(reached, key=lambda r: (r.size(metric), -r.values[0], r.size())) if reached else None
+    """The smallest network by `metric` whose validation accuracy (the mean of its runs) reached `target` (higher
+    accuracy, then fewer parameters, break ties); a re-run counts with its original, never alone."""
+    nets, runs = networks(done)
+    reached = [r for r in nets if accuracy(r, runs) >= target]
+    return min(reached, key=lambda r: (r.size(metric), -accuracy(r, runs), r.size())) if reached else None
 
 
 def pareto_front(done: list[TrialRecord], metric: str = "params") -> list[TrialRecord]:
-    """The trials no other trial dominates (at least as accurate with no more of `metric`, better in one), smallest
-    first: the accuracy/size front."""
+    """The networks no other network dominates (at least as accurate, by the mean of its runs, with no more of
+    `metric`, better in one), smallest first: the accuracy/size front. Re-runs count with their original."""
+    nets, runs = networks(done)
     front: list[TrialRecord] = []
-    for r in sorted(done, key=lambda r: (r.size(metric), -r.values[0], r.size())):
-        if not front or r.values[0] > front[-1].values[0]:
+    for r in sorted(nets, key=lambda r: (r.size(metric), -accuracy(r, runs), r.size())):
+        if not front or accuracy(r, runs) > accuracy(front[-1], runs):
             front.append(r)
     return front
 

@@ -12,9 +12,8 @@ import pandas as pd
 from models.budget import analyze
 from models.rules import RULES
 from search.budgets import ATTRS
-from search.record import (TRAINED, best_of, candidates, outcome_counts, pareto_front, study_dataset, study_size_metric,
-                           study_target,
-                           trial_frame)
+from search.record import (TRAINED, accuracy, best_of, candidates, outcome_counts, pareto_front, runs_of,
+                           study_dataset, study_size_metric, study_target, trial_frame)
 
 
 @dataclass
@@ -67,7 +66,7 @@ def collect(study: optuna.Study, certification: dict | None = None, front: dict 
     winner_spec = None
     if done:
         top = best_of(done)
-        best = {"number": top.number, "val_acc": top.values[0], "n_params": top.n_params,
+        best = {"number": top.number, "val_acc": accuracy(top, runs_of(done)), "n_params": top.n_params,
                 "receptive_field": top.receptive_field}
         winner_spec = json.loads(top.spec.to_json())
         winner_layers = [dict(row.__dict__) for row in analyze(top.spec).layers]

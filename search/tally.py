@@ -1,5 +1,5 @@
 """Running figures of a study for what a search does after each trial: outcome counts, trained trials, the best
-candidate and the few records front descent chooses from, kept up to date from the trials that changed since the
+network (a re-run counts with its original) and the few records front descent chooses from, kept up to date from the trials that changed since the
 last look.
 
 Optuna's storage keeps the finished trials it has read in memory and asks the database only for new trials and
@@ -12,6 +12,7 @@ study's, across every worker sharing its storage, and agree with search/record.p
 
 from __future__ import annotations
 
+import statistics
 import threading
 import weakref
 
@@ -31,7 +32,12 @@ class StudyTally:
         self._finished: set[int] = set()  # numbers of the finished trials taken in: they never change again
         self._counts: dict[str, int] = {}  # outcomes of the finished trials
         self._trained = 0  # finished trials that used a training slot
-        self._best: TrialRecord | None = None
+        # The networks (completed candidates that are not re-runs) and the validation accuracy of each one's runs,
+        # as record.runs_of has them; re-runs taken before their original (trials out of order) wait in _early_runs.
+        self._nets: dict[int, TrialRecord] = {}
+        self._runs: dict[int, list[float]] = {}
+        self._early_runs: dict[int, list[float]] = {}
+        self._best: int | None = None  # the best network's number
         self._descent = _DescentInputs()
         self._evolution: dict[int, TrialRecord] = {}  # finished candidates and evolution steps (search/evolution.py)
         # Every trial's parameters (record.params_key), queued ones included: Optuna's enqueue_trial passes over a
@@ -65,8 +71,29 @@ class StudyTally:
             self._evolution[r.number] = r
         self._counts[r.outcome.value] = self._counts.get(r.outcome.value, 0) + 1
         self._trained += r.is_trained
-        if r.is_candidate and (self._best is None or (r.rank(), -r.number) > (self._best.rank(), -self._best.number)):
-            self._best = r  # ties go to the lower number, as max() over the trials in number order does
+        if r.is_candidate:
+            self._take_run(r)
+
+    def _take_run(self, r: TrialRecord) -> None:
+        source = r.attrs.get("rerun_of")
+        if source is None:
+            self._nets[r.number] = r
+            self._runs[r.number] = [r.values[0], *self._early_runs.pop(r.number, [])]
+            changed = r.number
+        elif source in self._nets:
+            self._runs[source].append(r.values[0])
+            changed = source
+        else:
+            self._early_runs.setdefault(source, []).append(r.values[0])
+            return
+        if self._best is None or self._best == changed:  # the best's mean may have fallen: look at them all
+            self._best = max(self._nets, key=self._network_key)
+        elif self._network_key(changed) > self._network_key(self._best):
+            self._best = changed
+
+    def _network_key(self, number: int) -> tuple:
+        """record.best_of's order: the mean of the runs, then fewer parameters, then the lower number."""
+        return (statistics.fmean(self._runs[number]), -(self._nets[number].n_params or 0), -number)
 
     def counts(self) -> dict[str, int]:
         """Trials per outcome ("completed", "rejected", "queued", ...), as `record.outcome_counts`."""
@@ -87,8 +114,16 @@ class StudyTally:
             return frozenset(self._keys)
 
     def best(self) -> TrialRecord | None:
-        """The feasible completed trial with the highest validation accuracy (fewer parameters break ties)."""
-        return self._best
+        """The best network, as `record.best_of` picks it: the highest mean validation accuracy over its runs."""
+        with self._lock:
+            return None if self._best is None else self._nets[self._best]
+
+    def best_network(self) -> tuple[TrialRecord, float] | None:
+        """(the best network, the mean validation accuracy of its runs), or None before one completed."""
+        with self._lock:
+            if self._best is None:
+                return None
+            return self._nets[self._best], statistics.fmean(self._runs[self._best])
 
     def descent_records(self) -> list[TrialRecord]:
         """The records `descent.next_descent` can choose from, in number order: it returns for them what it returns

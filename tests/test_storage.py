@@ -17,7 +17,8 @@ from cli import app
 
 from search.descent import next_descent
 from search.options import SearchOptions
-from search.record import Outcome, TrialRecord, best, count_trained, outcome_counts, records
+from search.record import (Outcome, TrialRecord, accuracy, best, candidates, count_trained, outcome_counts, records,
+                           runs_of)
 from search.run import summary_line
 from search.storage import open_storage
 from search.study import presets_to_queue, run_search
@@ -34,10 +35,12 @@ def make_study(tmp_path, name="t", directions=("maximize",)):
     return RetriesFirstStudy(name, storage, sampler=optuna.samplers.RandomSampler(seed=0))
 
 
-def stored(rng: random.Random, shrunk_from=None) -> dict:
+def stored(rng: random.Random, shrunk_from=None, rerun_of=None) -> dict:
     """create_trial's arguments for a finished trial of a random outcome, values and size (ties on purpose)."""
     outcome = rng.choice(["completed", "completed", "pruned", "rejected", "failed", "duplicate"])
     attrs = {"outcome": outcome, "n_params": rng.choice([3_000, 4_000, 5_000]), "constraint": -1.0}
+    if rerun_of is not None:
+        attrs["rerun_of"] = rerun_of
     if shrunk_from is not None:
         attrs.update(shrunk_from=shrunk_from, shrink=rng.choice([0.8, 0.9]), descent_level=rng.choice([0.9, 0.95]))
     params = {"param_target": attrs["n_params"], "lr": 0.05}
@@ -54,12 +57,15 @@ def agrees(study, tally: StudyTally) -> None:
     assert tally.trained() == count_trained(study)
     top = best(study)
     assert (tally.best() and tally.best().number) == (top and top.number)
+    if top is not None:  # the best network's accuracy: the mean of its runs, as record.runs_of has them
+        assert tally.best_network()[1] == pytest.approx(accuracy(top, runs_of(candidates(study))), abs=1e-15)
     for levels in ([0.95, 0.9], [0.97], [0.9]):
         assert next_descent(tally.descent_records(), levels) == next_descent(records(study), levels)
 
 
-def test_the_tally_agrees_with_full_reads_as_trials_arrive_out_of_order(tmp_path):
-    rng = random.Random(0)
+@pytest.mark.parametrize("seed", range(4))
+def test_the_tally_agrees_with_full_reads_as_trials_arrive_out_of_order(tmp_path, seed):
+    rng = random.Random(seed)
     study = make_study(tmp_path)
     tally = tally_of(study)
     assert tally_of(study) is tally
@@ -69,7 +75,10 @@ def test_the_tally_agrees_with_full_reads_as_trials_arrive_out_of_order(tmp_path
         t.set_user_attr("outcome", Outcome.TRAINING.value)
     agrees(study, tally)
     for i in range(40):
-        study.add_trial(create_trial(**stored(rng, shrunk_from=rng.choice([None, None, 0, i]))))
+        # Some re-runs (of earlier trials, of the running ones that finish later, of pruned ones) so that the best
+        # network's mean moves, down too.
+        rerun_of = rng.choice([None, None, rng.randrange(i + 3)])
+        study.add_trial(create_trial(**stored(rng, shrunk_from=rng.choice([None, None, 0, i]), rerun_of=rerun_of)))
         if i % 7 == 0 and running:
             trial = running.pop()
             trial.set_user_attr("outcome", Outcome.COMPLETED.value)
@@ -77,6 +86,13 @@ def test_the_tally_agrees_with_full_reads_as_trials_arrive_out_of_order(tmp_path
             trial.set_user_attr("constraint", -1.0)
             study.tell(trial, 0.97)
         agrees(study, tally)
+    # A re-run of the best network that pulls its mean under another's: the best changes.
+    top = best(study)
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5, params={"lr": 0.05},
+                                 distributions={"lr": DISTRIBUTIONS["lr"]},
+                                 user_attrs={**top.attrs, "rerun_of": top.number}))
+    agrees(study, tally)
+    assert tally.best().number != top.number
     # A study whose trials another object added: the tally reads them all once, then only what changed.
     assert StudyTally(study).refresh().counts() == outcome_counts(study)
 
