@@ -55,6 +55,7 @@ class Refusal:
     duplicate_of: int | None = None
     value: float | tuple | None = None  # a duplicate of a completed trial returns that trial's values
     untrained: bool = True  # counts towards --max-rejections (untrained candidates in a row)
+    winner_bound: bool = False  # refused by the winner bound: the stop after --max-rejections says so
 
 
 @dataclass
@@ -75,6 +76,7 @@ class TrialContext:
     log: Callable[[str], None] = print
     progress: bool | None = None
     consecutive_untrained: int = 0
+    consecutive_bound: int = 0  # of those, refused by the winner bound
     stop_reason: str | None = None
     pareto_rungs: set[int] = field(default_factory=set)
     classes: int = 10  # logits the networks end in: the set's classes
@@ -137,7 +139,7 @@ def gate_winner_bound(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusa
     return Refusal(Outcome.REJECTED, f"{n_params:,} params, more than the winner so far ({winner_line(done)}): it "
                                      "could take its place only by beating the best by more than that spread "
                                      "(--no-winner-bound trains such nets)",
-                   constraint=n_params - winner.n_params)
+                   constraint=n_params - winner.n_params, winner_bound=True)
 
 
 def gate_receptive_field(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | None:
@@ -174,7 +176,7 @@ def gate_claim(ctx: TrialContext, w: TrialWriter, c: Candidate) -> Refusal | Non
     w.set(outcome=Outcome.TRAINING)
     conflict = claim_conflict(w.trial.study, w.trial.number, w.get("key"), ctx.opts.trials)
     if conflict is None:
-        ctx.consecutive_untrained = 0
+        ctx.consecutive_untrained = ctx.consecutive_bound = 0
         return None
     outcome, other = conflict
     if outcome == Outcome.SURPLUS:
@@ -201,7 +203,7 @@ def _record_spec(ctx: TrialContext, w: TrialWriter, spec: NetSpec, cfg: TrainCon
 def _refuse(ctx: TrialContext, w: TrialWriter, refusal: Refusal):
     """Record a refusal; return a reused value (a duplicate of a completed trial) or raise TrialPruned."""
     if refusal.untrained:
-        _count_untrained(ctx, w.trial)
+        _count_untrained(ctx, w.trial, refusal)
     if refusal.constraint is not None:
         w.set_constraint(refusal.constraint)
     extra = {} if refusal.duplicate_of is None else {"duplicate_of": refusal.duplicate_of}
@@ -213,14 +215,22 @@ def _refuse(ctx: TrialContext, w: TrialWriter, refusal: Refusal):
     raise optuna.TrialPruned(refusal.reason)
 
 
-def _count_untrained(ctx: TrialContext, trial: optuna.Trial) -> None:
-    """Rejections and duplicates alike: too many in a row and the search stops instead of spinning."""
+def _count_untrained(ctx: TrialContext, trial: optuna.Trial, refusal: Refusal) -> None:
+    """Rejections and duplicates alike: too many in a row and the search stops instead of spinning. The reason says
+    which: mostly the winner bound's (the sampler finds little under the winner), or the budget's and repeats."""
     ctx.consecutive_untrained += 1
-    if ctx.consecutive_untrained >= ctx.opts.max_rejections:
-        ctx.stop_reason = (f"{ctx.consecutive_untrained} candidates in a row were rejected or repeated: the "
-                           f"space barely fits the {ctx.opts.max_params:,} budget; raise --max-params, use --repair, "
-                           "or change the sampler")
-        trial.study.stop()
+    ctx.consecutive_bound += refusal.winner_bound
+    n, bound = ctx.consecutive_untrained, ctx.consecutive_bound
+    if n < ctx.opts.max_rejections:
+        return
+    if 2 * bound > n:
+        ctx.stop_reason = (f"{n} candidates in a row were rejected or repeated, {bound} of them larger than the winner "
+                           "so far: the sampler finds little under it. `best` certifies the winner; --no-winner-bound "
+                           "trains larger nets, --max-rejections waits longer")
+    else:
+        ctx.stop_reason = (f"{n} candidates in a row were rejected or repeated: the space barely fits the "
+                           f"{ctx.opts.max_params:,} budget; raise --max-params, use --repair, or change the sampler")
+    trial.study.stop()
 
 
 # ---- the objective ----------------------------------------------------------------------------------

@@ -380,6 +380,40 @@ def test_a_sampled_net_larger_than_the_winner_is_rejected_untrained_and_steers_t
     assert trial.constraints == {"budget": 7_860 - 7_442}  # infeasible for TPE: it samples elsewhere
 
 
+def test_a_streak_of_refusals_stops_the_search_and_names_the_winner_bound_when_it_refused_most():
+    from search.objective import TrialContext, make_objective
+    from search.options import SearchOptions
+
+    def streak(*specs, max_params=20_000):
+        """The objective on one trial of each spec, as if the sampler drew them: the stop reason, and whether the
+        study was told to stop."""
+        study = _accuracy_study((19_674, 0.9950), (7_442, 0.9944))  # the winner: 7,442 params
+        stopped = []
+        study.stop = lambda: stopped.append(True)
+        ctx = TrialContext(SearchOptions(epochs=1, min_rf=1, max_rejections=3, max_params=max_params),
+                           data=(None, range(50_000)),
+                           device=torch.device("cpu"), log=lambda _: None)
+        objective = make_objective(ctx)
+        for spec in specs:
+            study.enqueue_trial(space.encode(spec, TrainConfig(epochs=1), param_target=False))
+            trial = study.ask()
+            with pytest.raises(optuna.TrialPruned):
+                objective(trial)
+            study.tell(trial, state=TrialState.PRUNED)
+        return ctx.stop_reason, bool(stopped)
+
+    small, wide = PRESETS["small"], PRESETS["baseline"]  # 7,860 and 19,674 params: both over the winner's 7,442
+    assert streak(small, wide) == (None, False)
+    assert streak(small, wide, small) == (
+        "3 candidates in a row were rejected or repeated, 3 of them larger than the winner so far: the sampler finds "
+        "little under it. `best` certifies the winner; --no-winner-bound trains larger nets, --max-rejections waits "
+        "longer", True)
+    # Two over a budget of 10,000 parameters, one (7,860) under it but over the winner: the budget's advice.
+    assert streak(wide, small, wide, max_params=10_000) == (
+        "3 candidates in a row were rejected or repeated: the space barely fits the 10,000 budget; raise "
+        "--max-params, use --repair, or change the sampler", True)
+
+
 def test_the_winner_bound_passes_smaller_nets_queued_trials_and_pareto_searches():
     from search.objective import TrialContext, gate_winner_bound
     from search.options import SearchOptions
