@@ -310,7 +310,8 @@ def model_card(verified: Verified, seed: int, accuracy: dict, n_params: int, n_f
     versions = cert.get("versions", {})
     lines += ["## Provenance", "", f"- code: {versions.get('code', 'unknown')}",
               f"- python {versions.get('python')}, torch {versions.get('torch')}, optuna {versions.get('optuna')}",
-              f"- trained on: {cert.get('device')} ({versions.get('host', '')}, {versions.get('platform', '')})",
+              f"- trained on: {cert.get('device')} ({versions.get('host', '')}, {versions.get('platform', '')}"
+              f"{', ' + versions['cpu'] if versions.get('cpu') else ''})",
               f"- exported on: {platform.node()}, torch {torch.__version__}; code {provenance()['code']}",
               "- checkpoints (sha256): " + ", ".join(f"seed {r['seed']} {r['checkpoint_sha256']}"
                                                      for r in cert["seeds"]),

@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
+from search.provenance import cpu_identity
 from search.record import candidates, pareto_front
 from search.report import collect, trial_rows, write_report
 from search.retrain import CheckpointError, load_checkpoint, read_front
@@ -51,6 +52,7 @@ def test_best_writes_best_json_and_a_checkpoint_that_reproduces_it(tiny_study, d
     assert best["rules"][3]["pass"] == accuracy_pass and out.exit_code == (0 if accuracy_pass else 1)
     assert ("PASS" in out.output) and ("FAIL" in out.output) == (not accuracy_pass)
     assert best["versions"]["torch"] == torch.__version__
+    assert best["versions"]["cpu"] == cpu_identity()  # the CPU model, to family and stepping (search/provenance.py)
 
     module, payload = load_checkpoint(best["seeds"][0]["checkpoint"])
     test = load_full_test(data_root)
@@ -339,3 +341,11 @@ def test_a_forged_certificate_is_neither_reused_nor_reported(tiny_study, data_ro
     assert out.exit_code == 0 and "best.json is not shown: rules[3]: the certificate says" in text, out.output
     page = (results / "tiny" / "report.html").read_text()
     assert "id='certification'" not in page and "id='certified-front'" in page
+
+
+def test_the_cpu_is_named_to_its_family_model_and_stepping_from_the_first_processor():
+    info = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+            "stepping\t: 1\n\nprocessor\t: 1\ncpu family\t: 25\nmodel name\t: AMD EPYC 9004\n")
+    named = cpu_identity(info)
+    assert named.startswith("AMD EPYC (family 26, model 2, stepping 1), ") and named.endswith(" threads")
+    assert cpu_identity("").endswith(" threads")  # no /proc/cpuinfo: platform's name, or "unknown CPU"
