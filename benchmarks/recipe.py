@@ -126,26 +126,7 @@ def planned_runs(done: pd.DataFrame, seeds: int) -> list[tuple[str, dict, int]]:
                 for key, value in WITH.get(factor, {}).items():
                     combined.setdefault(key, value)
             plan += [(layout, combined, seed) for seed in range(seeds)]
-    # A value whose seeds confirmed it on one layout is confirmed on the others too, whatever their seed 0 said: one
-    # seed cannot rule out a gain of a tenth of a point, and a recipe for the small end must hold on all of them.
-    for factor, value in _confirmed_anywhere(done, seeds).items():
-        for layout in LAYOUTS:
-            plan += [(layout, changes, seed) for changes in ({}, WITH.get(factor, {}), variant(factor, value))
-                     for seed in range(seeds)]
     return plan
-
-
-def _confirmed_anywhere(done: pd.DataFrame, seeds: int) -> dict:
-    """factor -> the value whose mean over `seeds` seeds beat its base's (the default's, or WITH's) on some layout,
-    the first layout's in LAYOUTS order where two layouts confirmed different values."""
-    confirmed: dict = {}
-    for layout in LAYOUTS:
-        for factor, value in _screen_winners(done, layout)[0].items():
-            mean = _mean_final(done, layout, variant(factor, value), seeds)
-            base = _mean_final(done, layout, WITH.get(factor, {}), seeds)
-            if mean is not None and base is not None and mean > base:
-                confirmed.setdefault(factor, value)
-    return confirmed
 
 
 def _mean_final(done: pd.DataFrame, layout: str, changes: dict, seeds: int | None = None) -> float | None:

@@ -9,7 +9,8 @@ import typer
 
 from models.rules import RULES
 from search.option_table import (BOUNDS, DATA_ROOT, FLOOR_POINTS, INDEX, MNIST_FLOOR_PERCENT, MNIST_TARGET_PERCENT,
-                                 PERCENT, RUNGS, SEARCH, SEARCH_IMAGES, SHRINKS, TRAIN, WINNER_SHRINKS, Bound, DeviceName, Objective,
+                                 PERCENT, RUNGS, SEARCH, SEARCH_IMAGES, SHRINKS, SMALL_NET_LABEL_SMOOTHING,
+                                 SMALL_NET_PARAMS, TRAIN, WINNER_SHRINKS, Bound, DeviceName, Objective,
                                  OptimizerName, PrunerName, SamplerName, ScheduleName, SizeMetric)
 
 
@@ -132,7 +133,8 @@ Schedule = _opt(Optional[ScheduleName], f"Learning-rate schedule over the epochs
 Augment = _opt(Optional[float], f"Affine augmentation strength, 0 to 3 [default: the trial's, else "
                                 f"{TRAIN['augment']}].")
 LabelSmoothing = _opt(Optional[float], f"Label smoothing: the probability mass of each target spread over the other "
-                                       f"classes [default: the trial's, else {TRAIN['label_smoothing']}].")
+                                       f"classes [default: the trial's, else {SMALL_NET_LABEL_SMOOTHING} for a net of at most "
+                                       f"{SMALL_NET_PARAMS:,} parameters, {TRAIN['label_smoothing']} above].")
 CertifyDataset = _opt(Optional[str], f"The image set: {DATASET_HELP} [default: the study's, else "
                                      f"{SEARCH['dataset']}].")
 CertifyResultsDir = _opt(str, "Where certificates go (<results>/certified/<name>/).")

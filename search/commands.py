@@ -235,7 +235,7 @@ def to_certify(target: Optional[str], study: Optional[str], trial: Optional[int]
     from models.presets import PRESETS
     from models.spec import NetSpec
     from search.data import KNOWN, load_data
-    from search.engine import TrainConfig
+    from search.engine import recipe_for
     from search.record import study_target
     from search.retrain import Certifiable, from_trial, pick_winner, with_recipe
     from search.storage import check_study_name
@@ -249,7 +249,7 @@ def to_certify(target: Optional[str], study: Optional[str], trial: Optional[int]
             goal = study_target(study_obj)
         else:
             net = load_checked(target)
-            cfg = TrainConfig(epochs=RULES.max_epochs)
+            cfg = recipe_for(judge_target(net).n_params, epochs=RULES.max_epochs)  # the recipe by the net's size
             if isinstance(net, NetSpec):
                 kind = "preset" if target in PRESETS else "spec"
                 c = Certifiable(Path(target).stem, {"kind": kind, "target": target}, cfg, spec=net)

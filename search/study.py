@@ -27,7 +27,7 @@ from search import space
 from search.data import load_data
 from search.descent import next_descent, next_winner_descent
 from search.evolution import next_step, slot_free
-from search.engine import TrainConfig, resolve_device, to_device
+from search.engine import recipe_for, resolve_device, to_device
 from search.engine.runtime import set_cpu_threads, signals_ignored, stop_point, use_bf16
 from search.errors import SearchError
 from search.fsio import atomic_write_text
@@ -83,7 +83,7 @@ def open_study(opts: SearchOptions, data_record: dict | None = None) -> RetriesF
         study.set_user_attr("target", opts.target)  # None: no target line in the report
         if opts.warm_start:
             for name, spec in presets_to_queue(opts):
-                cfg = TrainConfig(epochs=opts.epochs, seed=opts.seed)
+                cfg = recipe_for(count_params(spec), epochs=opts.epochs, seed=opts.seed)
                 params = space.encode(spec, cfg, param_target=opts.objective == "pareto", size_metric=opts.size_metric)
                 study.enqueue_trial(params, user_attrs={"preset": name}, skip_if_exists=True)
     return study

@@ -121,16 +121,6 @@ def test_recipe_benchmark_screens_in_order_and_resumes_without_training_a_run_tw
     assert len(screened) == len(LAYOUTS) * (1 + sum(map(len, FACTORS.values())))
     assert confirm[:6] == [("p3702", "default", 0), ("p3702", "default", 1), ("p3702", "default", 2),
                            ("p3702", "lr=0.2", 0), ("p3702", "lr=0.2", 1), ("p3702", "lr=0.2", 2)]
-    # lr 0.2 confirmed on p3702 (its three seeds above the default's): then on the other layouts too, where seed 0
-    # did not pick it.
-    seeds_run = [{"layout": "p3702", "recipe": recipe, "seed": seed, "final_val_acc": acc}
-                 for recipe, acc in (("default", 0.98), ("lr=0.2", 0.99)) for seed in (1, 2)]
-    others = [{**row, "final_val_acc": 0.98 if row["layout"] != "p3702" else row["final_val_acc"]} for row in screened]
-    plan = [(layout, recipe_name(changes), seed) for layout, changes, seed in
-            planned_runs(pd.DataFrame(others + seeds_run), seeds=3)]
-    for layout in ("p2510", "micro"):
-        assert [(layout, "lr=0.2", seed) in plan for seed in range(3)] == [True] * 3, layout
-    assert not any(recipe == "lr=0.4" and seed > 0 for _, recipe, seed in plan)  # no seeds for what nowhere won
 
 
 def test_a_benchmark_pointed_at_a_missing_root_exits_2_with_one_line(tmp_path):

@@ -65,6 +65,7 @@ def test_certify_a_preset_writes_its_certificate_and_judges_four_rules(certified
     cert = json.loads((results / "certified" / "micro" / "certificate.json").read_text())
     assert cert["name"] == "micro" and cert["source"] == {"kind": "preset", "target": "micro"}
     assert cert["n_params"] == 4_582 and cert["config"]["epochs"] == 1 and len(cert["seeds"]) == 1
+    assert cert["config"]["label_smoothing"] == 0.0  # the recipe by size: no smoothing at 5,000 params or fewer
     assert [r["rule"] for r in cert["rules"]] == ["fewer than 20,000 parameters", "no fully connected layer",
                                                   "at most 20 epochs",
                                                   "final-epoch test accuracy at least 99.40% (mean of 1 seed)"]

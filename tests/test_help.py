@@ -81,8 +81,9 @@ def test_the_clis_defaults_bounds_and_choices_are_the_packages():
     for choices in (OPTIMIZERS, SCHEDULES):
         assert f"<{'|'.join(choices)}>" in certify_help, choices
     recipe = TrainConfig()
-    for name in ("lr", "batch_size", "augment", "label_smoothing", "optimizer", "schedule"):
+    for name in ("lr", "batch_size", "augment", "optimizer", "schedule"):
         assert f"else {getattr(recipe, name)}]" in certify_help, name
+    assert (f"else 0.0 for a net of at most 5,000 parameters, {recipe.label_smoothing} above]") in certify_help
 
 
 def test_a_bound_refuses_naming_the_value_and_the_limit():

@@ -388,3 +388,27 @@ def test_cudnn_benchmark_is_set_once_per_process(monkeypatch):
         assert not torch.backends.cudnn.benchmark
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def test_the_recipe_by_size_drops_label_smoothing_for_small_nets_only():
+    from search.engine import recipe_for
+    from search.engine.config import SMALL_NET_PARAMS
+
+    assert SMALL_NET_PARAMS == 5_000
+    assert recipe_for(4_582).label_smoothing == 0.0 and recipe_for(5_000).label_smoothing == 0.0
+    assert recipe_for(5_001) == TrainConfig() and recipe_for(19_674).label_smoothing == 0.05
+    assert recipe_for(4_582, label_smoothing=0.1, epochs=3) == TrainConfig(label_smoothing=0.1, epochs=3)
+
+
+def test_the_search_queues_each_preset_with_the_recipe_for_its_size(tmp_path, data_root):
+    from models.budget import count_params
+    from models.presets import PRESETS
+    from search.options import SearchOptions
+    from search.study import open_study
+
+    opts = SearchOptions(study="warm", storage=f"sqlite:///{tmp_path / 'warm.db'}", data_dir=str(data_root),
+                         device="cpu", epochs=1)
+    queued = {t.user_attrs["preset"]: t.params.get("label_smoothing", t.system_attrs["fixed_params"]
+                                                   ["label_smoothing"]) for t in open_study(opts).trials}
+    assert queued and queued == {name: 0.0 if count_params(spec) <= 5_000 else 0.05 for name, spec in PRESETS.items()}
+    assert queued["micro"] == 0.0 and queued["baseline"] == 0.05

@@ -9,9 +9,9 @@ and SGD steps that a GPU replays as one CUDA graph. No Optuna here.
     loop.py        fit and evaluate
 """
 
-from search.engine.config import STEP_PATHS, EpochRecord, History, TrainConfig, resolve_device
+from search.engine.config import STEP_PATHS, EpochRecord, History, TrainConfig, recipe_for, resolve_device
 from search.engine.loop import epoch_line, evaluate, fit, planned_engine
 from search.engine.steps import augment_batch, to_device
 
-__all__ = ["STEP_PATHS", "EpochRecord", "History", "TrainConfig", "augment_batch", "epoch_line", "evaluate", "fit",
+__all__ = ["STEP_PATHS", "EpochRecord", "History", "TrainConfig", "recipe_for", "augment_batch", "epoch_line", "evaluate", "fit",
            "planned_engine", "resolve_device", "to_device"]
