@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.rules import RULES  # noqa: E402
-from search.record import (TRAINED, accuracy, candidates, leaderboard, outcome_counts, records, smallest_reaching,  # noqa: E402
-                           study_size_metric)
+from search.record import (TRAINED, accuracy, candidates, leaderboard, outcome_counts, records,  # noqa: E402
+                           smallest_reaching, study_size_metric)
 from search.storage import default_storage_url, load_existing_study  # noqa: E402
 
 
@@ -43,18 +43,20 @@ def main() -> None:
     print(f"epochs trained {epochs} of {budget} without pruning ({epochs / max(budget, 1):.0%}); "
           f"training time {sum(r.wall_s or 0 for r in trained) / 60:.1f} min; "
           f"device {', '.join(sorted({r.device for r in trained if r.device}))}")
-    top, runs = leaderboard(study)
+    done = candidates(study)
+    top, runs = leaderboard(done)
     if top:
-        print(f"best validation accuracy {accuracy(top[0], runs):.2%} at {top[0].n_params:,} params (trial {top[0].number})")
-        small = smallest_reaching(candidates(study), target, study_size_metric(study))
+        print(f"best validation accuracy {accuracy(top[0], runs):.2%} at {top[0].n_params:,} params "
+              f"(trial {top[0].number})")
+        small = smallest_reaching(done, target, study_size_metric(study))
         if small:
             reached = sum(accuracy(r, runs) >= target for r in top)
             print(f"smallest at or above {target:.1%}: {small.n_params:,} params, {accuracy(small, runs):.2%} "
                   f"(trial {small.number}); {reached} networks reached the target")
     print("top 5 completed networks (a re-run counts with its original; the mean of its runs):")
     for r in top[:5]:
-        print(f"  trial {r.number}: {accuracy(r, runs):.2%} over {len(runs[r.number])} run(s), {r.n_params:,} params, RF {r.receptive_field}, "
-              f"{r.config.optimizer} lr {r.config.lr:.3g}")
+        print(f"  trial {r.number}: {accuracy(r, runs):.2%} over {len(runs[r.number])} run(s), {r.n_params:,} params, "
+              f"RF {r.receptive_field}, {r.config.optimizer} lr {r.config.lr:.3g}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import statistics
 import optuna
 
 from search.budgets import describe
-from search.record import (Outcome, TrialRecord, accuracy, best_of, candidates, pareto_front, records,  # noqa: F401
-                           runs_of, smallest_reaching, study_size_metric)
+from search.record import (Outcome, TrialRecord, accuracy, best_of, candidates, network_rank, networks,  # noqa: F401
+                           pareto_front, records, runs_of, smallest_reaching, study_size_metric)
 from search.storage import SearchError
 
 # Fraction: the largest 3-seed sample standard deviation of final-epoch test accuracy among the certified networks
@@ -46,10 +46,9 @@ def smallest_within_spread(done: list[TrialRecord], metric: str = "params") -> t
     study's size metric: parameters unless a pareto search was given another) whose accuracy is within the seed
     spread of the best network's (higher accuracy, then the lower number, break ties); re-runs count with their
     original, never alone."""
-    runs = runs_of(done)
+    nets, runs = networks(done)
     spread, source = seed_spread(done)
-    nets = [r for r in done if r.number in runs]
-    top = max(nets, key=lambda r: (accuracy(r, runs), -(r.n_params or 0), -r.number))
+    top = max(nets, key=lambda r: network_rank(r, runs))
     bar = accuracy(top, runs) - spread - 1e-12  # a figure exactly `spread` under the best is within it
     within = [r for r in nets if accuracy(r, runs) >= bar]
     winner = min(within, key=lambda r: (r.size(metric), -accuracy(r, runs), r.number))

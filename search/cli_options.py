@@ -133,8 +133,8 @@ Schedule = _opt(Optional[ScheduleName], f"Learning-rate schedule over the epochs
 Augment = _opt(Optional[float], f"Affine augmentation strength, 0 to 3 [default: the trial's, else "
                                 f"{TRAIN['augment']}].")
 LabelSmoothing = _opt(Optional[float], f"Label smoothing: the probability mass of each target spread over the other "
-                                       f"classes [default: the trial's, else {SMALL_NET_LABEL_SMOOTHING} for a net of at most "
-                                       f"{SMALL_NET_PARAMS:,} parameters, {TRAIN['label_smoothing']} above].")
+                                       f"classes [default: the trial's, else {SMALL_NET_LABEL_SMOOTHING} for a net of "
+                                       f"at most {SMALL_NET_PARAMS:,} parameters, {TRAIN['label_smoothing']} above].")
 CertifyDataset = _opt(Optional[str], f"The image set: {DATASET_HELP} [default: the study's, else "
                                      f"{SEARCH['dataset']}].")
 CertifyResultsDir = _opt(str, "Where certificates go (<results>/certified/<name>/).")

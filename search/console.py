@@ -75,7 +75,8 @@ def print_trial_line(study_obj, trial, opts) -> None:
 def print_leaderboard(result, opts) -> None:
     from search.run import summary_line
 
-    nets, runs = leaderboard(result.study)
+    done = candidates(result.study)  # read once: the leaderboard's networks and the winner rule's runs
+    nets, runs = leaderboard(done)
     table = Table(title=summary_line(opts.study, result.trained, result.counts, result.wall_s), title_justify="left")
     # "val acc" is the network's: the mean over its runs (a re-run with another seed counts with its original).
     for col in ("trial", "val acc", "runs", "params", "RF", "epochs", "optimizer", "lr", "seconds"):
@@ -86,7 +87,7 @@ def print_leaderboard(result, opts) -> None:
                       f"{r.wall_s or 0:.0f}")
     console.print(table)
     if nets and opts.objective == "accuracy":  # the network `best` certifies (search/choose.py)
-        console.print("winner: " + winner_line(candidates(result.study)), highlight=False)
+        console.print("winner: " + winner_line(done), highlight=False)
     console.print(f"stored in {describe_storage(opts.storage_url)}; trials table: {result.csv_path}")
 
 

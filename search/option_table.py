@@ -11,7 +11,8 @@ from enum import Enum
 from models.rules import RULES
 from search.data import DEFAULT_ROOT, ENV_VAR, FILES, KNOWN, N_VAL, SIDE
 from search.descent import SHRINK, WINNER_SHRINK
-from search.engine.config import DEVICES, OPTIMIZERS, SCHEDULES, SMALL_NET_LABEL_SMOOTHING, SMALL_NET_PARAMS, TrainConfig  # noqa: F401
+from search.engine.config import (DEVICES, OPTIMIZERS, SCHEDULES, SMALL_NET_LABEL_SMOOTHING,  # noqa: F401
+                                  SMALL_NET_PARAMS, TrainConfig)
 from search.budgets import METRICS
 from search.options import FLOOR_BELOW_TARGET, MAX_FIGURE, OBJECTIVES, SAMPLERS, SearchOptions, default_floor
 from search.pruning import PRUNERS, rungs

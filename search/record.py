@@ -228,11 +228,16 @@ def networks(done: list[TrialRecord]) -> tuple[list[TrialRecord], dict[int, list
     return [r for r in done if r.number in runs], runs
 
 
+def network_rank(r: TrialRecord, runs: dict[int, list[float]]) -> tuple:
+    """The order of networks, max() first: the mean validation accuracy of the runs, then fewer parameters, then the
+    lower trial number."""
+    return (accuracy(r, runs), -(r.n_params or 0), -r.number)
+
+
 def best_of(done: list[TrialRecord]) -> TrialRecord | None:
-    """The network with the highest validation accuracy, the mean of its runs (fewer parameters, then the lower
-    number, break ties); None if there is none."""
+    """The network first in `network_rank`'s order; None if there is none."""
     nets, runs = networks(done)
-    return max(nets, key=lambda r: (accuracy(r, runs), -(r.n_params or 0), -r.number)) if nets else None
+    return max(nets, key=lambda r: network_rank(r, runs)) if nets else None
 
 
 def best(study: optuna.Study) -> TrialRecord | None:
@@ -240,10 +245,11 @@ def best(study: optuna.Study) -> TrialRecord | None:
     return best_of(candidates(study))
 
 
-def leaderboard(study: optuna.Study) -> tuple[list[TrialRecord], dict[int, list[float]]]:
-    """(the study's networks, best first as `best_of` ranks them; their runs): re-runs count with their original."""
-    nets, runs = networks(candidates(study))
-    return sorted(nets, key=lambda r: (accuracy(r, runs), -(r.n_params or 0), -r.number), reverse=True), runs
+def leaderboard(done: list[TrialRecord]) -> tuple[list[TrialRecord], dict[int, list[float]]]:
+    """(the networks among the candidates `done`, best first in `network_rank`'s order; their runs): re-runs count
+    with their original."""
+    nets, runs = networks(done)
+    return sorted(nets, key=lambda r: network_rank(r, runs), reverse=True), runs
 
 
 def smallest_reaching(done: list[TrialRecord], target: float, metric: str = "params") -> TrialRecord | None:

@@ -1,6 +1,6 @@
 """Running figures of a study for what a search does after each trial: outcome counts, trained trials, the best
-network (a re-run counts with its original) and the few records front descent chooses from, kept up to date from the trials that changed since the
-last look.
+network (a re-run counts with its original), every trial's parameter key and the few records front descent
+chooses from, kept up to date from the trials that changed since the last look.
 
 Optuna's storage keeps the finished trials it has read in memory and asks the database only for new trials and
 those not finished (`study.get_trials`); the figures here are updated from those trials alone, so one finished
@@ -92,7 +92,7 @@ class StudyTally:
             self._best = changed
 
     def _network_key(self, number: int) -> tuple:
-        """record.best_of's order: the mean of the runs, then fewer parameters, then the lower number."""
+        """record.network_rank of a network, from the runs kept here."""
         return (statistics.fmean(self._runs[number]), -(self._nets[number].n_params or 0), -number)
 
     def counts(self) -> dict[str, int]:

@@ -259,7 +259,7 @@ def test_the_winner_is_the_smallest_within_the_seed_spread_and_trial_n_is_exactl
 
 def test_a_rerun_counts_with_its_original_for_the_best_the_target_the_front_and_the_leaderboard():
     from search.choose import front_to_certify, pick_winner
-    from search.record import best, leaderboard, pareto_front, smallest_reaching
+    from search.record import best, candidates, leaderboard, pareto_front, smallest_reaching
     from search.tally import StudyTally
 
     # Trial 1 (7,442 params) reached 99.42% once; its re-run (trial 3) 99.30%: the network's 99.36% misses 99.4%,
@@ -275,7 +275,7 @@ def test_a_rerun_counts_with_its_original_for_the_best_the_target_the_front_and_
     # The best: trial 0's 99.60% and its re-run's 99.40% make 99.50%, under trial 1's single 99.55%.
     study = _study([done(0, 19_674, 0.9960), done(1, 15_178, 0.9955), done(2, 19_674, 0.9940, rerun_of=0, seed=1)])
     assert best(study).number == 1
-    nets, runs = leaderboard(study)
+    nets, runs = leaderboard(candidates(study))
     assert [(r.number, len(runs[r.number])) for r in nets] == [(1, 1), (0, 2)]
     tally = StudyTally(study).refresh()
     assert tally.best().number == 1 and tally.best_network()[1] == pytest.approx(0.9955)

@@ -13,5 +13,5 @@ from search.engine.config import STEP_PATHS, EpochRecord, History, TrainConfig, 
 from search.engine.loop import epoch_line, evaluate, fit, planned_engine
 from search.engine.steps import augment_batch, to_device
 
-__all__ = ["STEP_PATHS", "EpochRecord", "History", "TrainConfig", "recipe_for", "augment_batch", "epoch_line", "evaluate", "fit",
-           "planned_engine", "resolve_device", "to_device"]
+__all__ = ["STEP_PATHS", "EpochRecord", "History", "TrainConfig", "augment_batch", "epoch_line", "evaluate", "fit",
+           "planned_engine", "recipe_for", "resolve_device", "to_device"]

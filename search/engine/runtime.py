@@ -46,13 +46,29 @@ def set_cpu_threads(threads: int | None, jobs: int = 1) -> int:
 
 
 @functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 dot products in hardware (AVX512-BF16 or AMX), from /proc/cpuinfo."""
+def cpu_fields() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ("model name", "cpu family", "flags", ...), read once per
+    process; {} where there is no such file."""
     try:
         with open("/proc/cpuinfo") as info:
-            return flags_have_native_bf16(next((line for line in info if line.startswith("flags")), ""))
+            return cpuinfo_fields(info.read(1 << 16))  # the first processor's block is a few kB
     except OSError:
-        return False
+        return {}
+
+
+def cpuinfo_fields(text: str) -> dict[str, str]:
+    """The fields of the first processor's block of a /proc/cpuinfo text (blocks are parted by a blank line)."""
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n")[0].splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 dot products in hardware (AVX512-BF16 or AMX), from /proc/cpuinfo."""
+    return flags_have_native_bf16("flags: " + cpu_fields().get("flags", ""))
 
 
 def flags_have_native_bf16(flags_line: str) -> bool:
